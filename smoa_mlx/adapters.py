@@ -1,0 +1,146 @@
+"""SMoA adapter directories (SPEC §2): `adapter_config.json` + `adapters.safetensors`.
+
+The orders are saved, so loading never plans. Each adapted base weight is
+fingerprinted by a fixed sample of its entries; a base whose sample is not
+nearly parallel to the saved one (cosine < 0.99) is a different model. A
+re-quantized or dtype-cast copy of the same base stays far above that bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .files import load_safetensors, read_json, save_safetensors, write_json
+from .layer import base_weight
+from .patch import apply_smoa, smoa_layers
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapters.safetensors"
+FINGERPRINT_SIZE = 64
+MIN_SIMILARITY = 0.99
+
+
+def fingerprint(weight: mx.array) -> list[float]:
+    """A fixed pseudo-random sample of entries, positions seeded by the shape."""
+    d_out, d_in = weight.shape
+    rng = np.random.default_rng([d_out, d_in])
+    rows = mx.array(rng.integers(0, d_out, FINGERPRINT_SIZE).astype(np.uint32))
+    cols = mx.array(rng.integers(0, d_in, FINGERPRINT_SIZE).astype(np.uint32))
+    return np.array(weight[rows, cols].astype(mx.float32), dtype=np.float64).tolist()
+
+
+def similarity(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
+    """Everything an adapter file holds: per-block A/B and the orders of every SMoA layer."""
+    out = {}
+    for path, layer in smoa_layers(model).items():
+        for name, value in tree_flatten(layer.trainable_parameters()):
+            out[f"{path}.{name}"] = value
+        out[f"{path}.row_order"] = layer.row_order
+        out[f"{path}.col_order"] = layer.col_order
+    return out
+
+
+def smoa_config(model: nn.Module, base_model: str | None = None, **extra) -> dict:
+    """The adapter config describing the SMoA layers of `model` (extra keys are kept)."""
+    layers = smoa_layers(model)
+    if not layers:
+        raise ValueError("model has no SMoA layers to save")
+    first = next(iter(layers.values()))
+    params = {
+        "rank": first.rank,
+        "num_blocks": first.num_blocks,
+        "branch_ranks": first.branch_ranks,
+        "alpha": first.alpha,
+        "dropout": first.dropout.p if first.dropout is not None else 0.0,
+    }
+    return {
+        **extra,
+        "fine_tune_type": "smoa",
+        "model": base_model,
+        "smoa_parameters": params,
+        "modules": list(layers),
+        "fingerprints": {p: fingerprint(base_weight(m.linear)) for p, m in layers.items()},
+    }
+
+
+def save_adapter(model: nn.Module, adapter_path, config: dict | None = None, weights_file=WEIGHTS):
+    """Write the adapter directory atomically, file by file (weights first)."""
+    adapter_path = Path(adapter_path)
+    config = config if config is not None else smoa_config(model)
+    save_safetensors(adapter_path / weights_file, adapter_tensors(model))
+    write_json(adapter_path / CONFIG, config)
+    return adapter_path
+
+
+def _check_base(model: nn.Module, config: dict, where: Path) -> None:
+    modules = dict(model.named_modules())
+    for path in config["modules"]:
+        if path not in modules or not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(f"{where}: adapter module {path} is not a linear layer of this model")
+        saved = config.get("fingerprints", {}).get(path)
+        if saved is None:
+            continue
+        w = base_weight(modules[path])
+        sim = similarity(fingerprint(w), saved) if len(saved) == FINGERPRINT_SIZE else 0.0
+        if sim < MIN_SIMILARITY:
+            raise ValueError(
+                f"{where}: adapter was trained on a different base model "
+                f"(trained on {config.get('model')!r}): module {path} does not match "
+                f"(weight similarity {sim:.3f} < {MIN_SIMILARITY})"
+            )
+
+
+def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
+    """Patch `model` with the SMoA adapter in `adapter_path`; returns its config.
+
+    mlx-lm LoRA/DoRA adapter directories are delegated to mlx-lm's own loader.
+    """
+    adapter_path = Path(adapter_path)
+    config = read_json(adapter_path / CONFIG)
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "smoa":
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, str(adapter_path))
+        return config
+    weights = load_safetensors(adapter_path / weights_file)
+    _check_base(model, config, adapter_path)
+    orders = {}
+    for path in config["modules"]:
+        try:
+            orders[path] = (np.array(weights[f"{path}.row_order"]), np.array(weights[f"{path}.col_order"]))
+        except KeyError as e:
+            raise ValueError(f"{adapter_path / weights_file}: missing tensor {e.args[0]}") from None
+    p = config["smoa_parameters"]
+    try:
+        apply_smoa(
+            model, keys=config["modules"], rank=p["rank"], num_blocks=p["num_blocks"],
+            alpha=p["alpha"], dropout=p["dropout"], branch_ranks=p["branch_ranks"], orders=orders,
+        )
+    except ValueError as e:
+        raise ValueError(f"{adapter_path}: {e}") from None
+    expected = adapter_tensors(model)
+    for name, value in weights.items():
+        if name not in expected:
+            raise ValueError(f"{adapter_path / weights_file}: unexpected tensor {name}")
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"{adapter_path / weights_file}: tensor {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"{adapter_path / weights_file}: missing tensor {missing[0]}")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return config

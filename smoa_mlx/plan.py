@@ -1,0 +1,101 @@
+"""Spectral plan of SMoA (SPEC §1): row/column orders and the K aligned blocks.
+
+Pure NumPy, no MLX state. Block membership is decided in float64, so a plan made
+here matches the SVD definition on any backend up to genuine near-ties, which
+are reported (`boundary_gap`) rather than silently resolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The reference computes scores in float32 and clamps the row energy at its eps.
+EPS = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    row_order: np.ndarray  # (d_out,) int64, ascending score
+    col_order: np.ndarray  # (d_in,) int64
+    num_blocks: int
+    boundary_gap: float  # smallest score gap across a block boundary (inf if K == 1)
+    order_gap: float  # smallest gap between neighbours anywhere in either order
+
+    @property
+    def row_blocks(self) -> list[np.ndarray]:
+        return np.array_split(self.row_order, self.num_blocks)
+
+    @property
+    def col_blocks(self) -> list[np.ndarray]:
+        return np.array_split(self.col_order, self.num_blocks)
+
+
+def split_sizes(n: int, k: int) -> list[int]:
+    """`numpy.array_split` chunk sizes: the first n % k chunks get one extra."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def split_rank(rank: int, num_blocks: int, branch_ranks=None) -> list[int]:
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if branch_ranks is None:
+        return split_sizes(rank, num_blocks)
+    ranks = [int(r) for r in branch_ranks]
+    if len(ranks) != num_blocks or sum(ranks) != rank or min(ranks) < 0:
+        raise ValueError(
+            f"branch_ranks {ranks} must have num_blocks={num_blocks} non-negative "
+            f"entries summing to rank={rank}"
+        )
+    return ranks
+
+
+def _mean_index(energy: np.ndarray) -> np.ndarray:
+    """Energy-weighted mean spectral index per row of `energy` (n, q)."""
+    j = np.arange(energy.shape[1], dtype=np.float64)
+    return (energy @ j) / np.maximum(energy.sum(axis=1), EPS)
+
+
+def spectral_scores(weight) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column scores of `weight` (d_out, d_in) without a full SVD.
+
+    `s_j U[:, j] = W V[:, j]`, so the eigen-decomposition of the smaller Gram
+    matrix gives both sides: the eigenvectors directly, the other side by one
+    matmul. Everything is float64 because these scores decide block membership.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2 or 0 in w.shape:
+        raise ValueError(f"expected a non-empty 2-D weight, got shape {w.shape}")
+    tall = w.shape[0] >= w.shape[1]
+    m = w if tall else w.T  # (n_big, q): Gram over the small side
+    evals, vecs = np.linalg.eigh(m.T @ m)
+    evals, vecs = evals[::-1], vecs[:, ::-1]  # descending singular values
+    small = _mean_index(vecs**2 * np.maximum(evals, 0.0))
+    big = _mean_index((m @ vecs) ** 2)
+    return (big, small) if tall else (small, big)
+
+
+def _min_gap(sorted_scores: np.ndarray, cuts) -> float:
+    gaps = [sorted_scores[c] - sorted_scores[c - 1] for c in cuts if 0 < c < len(sorted_scores)]
+    return float(min(gaps)) if gaps else float("inf")
+
+
+def make_plan(weight, num_blocks: int) -> Plan:
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if num_blocks > min(np.shape(weight)):
+        raise ValueError(
+            f"num_blocks={num_blocks} exceeds the smaller dimension of a weight of shape "
+            f"{tuple(np.shape(weight))}"
+        )
+    row_score, col_score = spectral_scores(weight)
+    orders, boundary, order = [], [], []
+    for score in (row_score, col_score):
+        o = np.argsort(score, kind="stable")
+        s = score[o]
+        cuts = np.cumsum(split_sizes(len(o), num_blocks))[:-1]
+        orders.append(o.astype(np.int64))
+        boundary.append(_min_gap(s, cuts))
+        order.append(_min_gap(s, range(1, len(s))))
+    return Plan(orders[0], orders[1], num_blocks, min(boundary), min(order))
