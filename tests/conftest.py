@@ -1,0 +1,34 @@
+"""Shared fixtures: generated tiny models (always) and the real ../shared fixtures (CI)."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+STORIES = SHARED / "models" / "stories260K-hf"
+DATASETS = SHARED / "datasets"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (a fresh clone has no ../shared; CI provides it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random float32 Llama (2 layers, hidden 64) with a byte-level BPE tokenizer."""
+    from smoa_mlx.synthetic import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """The real pretrained stories260K Llama in Hugging Face layout."""
+    return need_shared(STORIES)
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    return need_shared(DATASETS)
