@@ -11,6 +11,9 @@ class UsageError(ValueError):
 
 def run(main, argv=None) -> None:
     """Run `main(argv)`; user-facing errors become `error: ...` on stderr and exit 1."""
+    from .blas import warn_if_reference
+
+    warn_if_reference()
     try:
         code = main(argv)
     except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
