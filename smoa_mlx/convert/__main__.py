@@ -1,0 +1,55 @@
+"""python -m smoa_mlx.convert import|export: adapters between MLX and PyTorch layouts."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import UsageError, run
+from . import FORMATS, export_adapter, import_adapter
+
+FORMAT_HELP = (
+    "smoa: the authors' PyTorch SMoA layout; hira: Hugging Face PEFT HiRA (num_blocks = 1 only); "
+    "lora: Hugging Face PEFT LoRA (export is a lossy rank-R approximation)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m smoa_mlx.convert",
+        description="Convert adapters between MLX adapter directories and PyTorch (PEFT-style) layouts.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="PyTorch adapter -> MLX adapter directory",
+                         description="Convert a PyTorch adapter into an MLX adapter directory.")
+    exp = sub.add_parser("export", help="MLX SMoA adapter -> PyTorch adapter directory",
+                         description="Convert an MLX SMoA adapter into a PyTorch adapter directory.")
+    for p in (imp, exp):
+        p.add_argument("--format", choices=list(FORMATS), required=True, help=FORMAT_HELP)
+        p.add_argument("--model", required=True,
+                       help="The base model the adapter belongs to: a local directory or Hugging Face repo.")
+    imp.add_argument("--src", required=True,
+                     help="PyTorch adapter directory (adapter_config.json + adapter_model.safetensors).")
+    imp.add_argument("--out", required=True, help="MLX adapter directory to write.")
+    exp.add_argument("--adapter-path", required=True, help="MLX SMoA adapter directory.")
+    exp.add_argument("--out", required=True, help="PyTorch adapter directory to write.")
+    exp.add_argument("--rank", type=int, default=None,
+                     help="lora only: rank of the approximation (default: the adapter's rank).")
+    for p in (imp, exp):
+        p.add_argument("--no-parity", action="store_true",
+                       help="Skip measuring MLX vs PyTorch logits (which needs the torch extra).")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "import":
+        import_adapter(args.format, args.model, args.src, args.out, not args.no_parity)
+    else:
+        if args.rank is not None and args.format != "lora":
+            raise UsageError("--rank applies to --format lora only")
+        export_adapter(args.format, args.model, args.adapter_path, args.out, args.rank, not args.no_parity)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,98 @@
+"""Hugging Face PEFT HiRA adapters: SMoA with a single block (SPEC §1, K = 1).
+
+PEFT's HiRA is `ΔW = (B A) ⊙ W0` with no scale, keys `hira_A` (r, in) and
+`hira_B` (out, r). Our K = 1 layer keeps A's columns in `col_order` and B's rows
+in `row_order`, so export un-permutes them and folds `alpha / r` into B; import
+permutes them and sets alpha = r (scale 1). Modules of different rank
+(`rank_pattern`) are zero-padded to the largest rank, which leaves ΔW unchanged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..adapters import save_adapter, smoa_config
+from ..patch import apply_smoa, smoa_layers
+from .names import linear_shapes, pattern_value, peft_key, select_targets, target_modules
+from .peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir
+
+PEFT_TYPE = "HIRA"
+
+
+def _rank(hira_a, cfg: dict, path: str) -> int:
+    """The module's rank: `rank_pattern`'s, or `r` as peft 0.21 actually builds (and saves) it.
+
+    peft 0.21's HiRA dispatcher ignores `rank_pattern` when it creates a layer, so the
+    files it writes have rank `r` everywhere; a later peft may honour the pattern.
+    """
+    ranks = (int(pattern_value(cfg.get("rank_pattern"), path, cfg["r"])), int(cfg["r"]))
+    return hira_a.shape[0] if hira_a is not None and hira_a.shape[0] in ranks else ranks[0]
+
+
+def import_hira(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
+    cfg, where = peft.config, peft.path / "adapter_config.json"
+    refuse_options(cfg, where, {"fan_in_fan_out": (None,), "modules_to_save": (None,)})
+    shapes = linear_shapes(model)
+    paths = select_targets(cfg, list(shapes), where)
+    ranks = {p: _rank(peft.tensors.get(peft_key(p, "hira_A")), cfg, p) for p in paths}
+    expected = {}
+    for p in paths:
+        why = f"{p} is {shapes[p]} in the base model, r={ranks[p]}"
+        expected[peft_key(p, "hira_A")] = ((ranks[p], shapes[p][1]), why)
+        expected[peft_key(p, "hira_B")] = ((shapes[p][0], ranks[p]), why)
+    check_tensors(peft.tensors, expected, peft.weights_file)
+    rank = max(ranks.values())
+    apply_smoa(model, keys=paths, rank=rank, num_blocks=1, alpha=rank,
+               dropout=float(cfg.get("hira_dropout") or 0.0))
+    for p, layer in smoa_layers(model).items():
+        rows, cols = np.array(layer.row_order), np.array(layer.col_order)
+        a = peft.tensors[peft_key(p, "hira_A")][:, cols]
+        b = peft.tensors[peft_key(p, "hira_B")][rows]
+        layer.smoa_a = [mx.array(pad_rank(a, rank, 0))]
+        layer.smoa_b = [mx.array(pad_rank(b, rank, 1))]
+    if len(set(ranks.values())) > 1:
+        log(f"rank_pattern: modules zero-padded to rank {rank}")
+    save_adapter(model, out_dir, smoa_config(model, base_model=base, converted_from=str(peft.path)))
+    return {"rank": rank}
+
+
+def export_hira(model, base: str, out_dir, log=print) -> dict:
+    layers = smoa_layers(model)
+    params = smoa_config(model)["smoa_parameters"]
+    if params["num_blocks"] != 1:
+        raise ValueError(
+            f"HiRA is SMoA with one block; this adapter has num_blocks={params['num_blocks']}, whose "
+            "update is block-diagonal and has no HiRA form. Export --format smoa (exact) or "
+            "--format lora --rank R (lossy) instead"
+        )
+    tensors = {}
+    for p, m in layers.items():
+        rows, cols = np.array(m.row_order), np.array(m.col_order)
+        a = np.array(m.smoa_a[0].astype(mx.float32))
+        b = np.array(m.smoa_b[0].astype(mx.float32)) * np.float32(m.scale)
+        hira_a, hira_b = np.empty_like(a), np.empty_like(b)
+        hira_a[:, cols] = a
+        hira_b[rows] = b
+        tensors[peft_key(p, "hira_A")] = hira_a
+        tensors[peft_key(p, "hira_B")] = hira_b
+    config = {
+        "peft_type": PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": params["rank"],
+        "target_modules": target_modules(layers, list(linear_shapes(model))),
+        "hira_dropout": params["dropout"],
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "rank_pattern": {},
+        "modules_to_save": None,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    write_peft_dir(out_dir, config, tensors)
+    scale = params["alpha"] / params["rank"]
+    log(f"scale alpha/r = {scale:g} folded into hira_B (PEFT's HiRA has no scale)")
+    return {"scale": scale}

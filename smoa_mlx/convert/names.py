@@ -1,0 +1,119 @@
+"""Module paths across frameworks, and PEFT's rules for which modules an adapter targets.
+
+mlx-lm names the modules of the models below exactly as Hugging Face does
+(`model.layers.3.self_attn.q_proj`), so a PEFT key is `base_model.model.` + that
+path + a tensor suffix. Every crossing of the boundary goes through `hf_path` /
+`mlx_path`, so a model family with different names needs one change here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.nn as nn
+
+PEFT_PREFIX = "base_model.model."
+# mlx-lm model types whose module and parameter names equal the transformers ones.
+SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_model_type(model_type: str | None) -> None:
+    if model_type not in SAME_NAMES:
+        raise ValueError(
+            f"model type {model_type!r}: mlx-lm and Hugging Face module names are only "
+            f"known to agree for {', '.join(SAME_NAMES)}"
+        )
+
+
+def hf_path(path: str) -> str:
+    """The transformers module path of an mlx-lm module path (identical for SAME_NAMES)."""
+    return path
+
+
+def mlx_path(path: str) -> str:
+    return path
+
+
+def peft_key(path: str, leaf: str) -> str:
+    """The key PEFT saves for tensor `leaf` of the adapter on mlx-lm module `path`."""
+    return f"{PEFT_PREFIX}{hf_path(path)}.{leaf}"
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every plain or quantized linear layer, without de-quantizing.
+
+    A layer wrapped by an adapter (SMoA, LoRA: `wrapper.linear`) is listed under the
+    wrapper's path, the module path the adapter files use.
+    """
+    modules = dict(model.named_modules())
+    shapes = {}
+    for path, m in modules.items():
+        parent, _, name = path.rpartition(".")
+        if name == "linear" and hasattr(modules.get(parent), "fuse"):
+            path = parent
+        if isinstance(m, nn.QuantizedLinear):
+            shapes[path] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
+        elif isinstance(m, nn.Linear):
+            shapes[path] = tuple(m.weight.shape)
+    return shapes
+
+
+def _layer_index(path: str, pattern) -> int | None:
+    if not pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+    else:
+        pats = [pattern] if isinstance(pattern, str) else pattern
+        m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", path) for p in pats)), None)
+    return None if m is None else int(m.group(1))
+
+
+def _listed(spec, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == t or path.endswith("." + t) for t in spec)
+
+
+def select_targets(config: dict, paths, where) -> list[str]:
+    """The modules (HF paths among `paths`) a PEFT config adapts, by PEFT's matching rules.
+
+    A list of names matches a path equal to one or ending in `.name`; a string is a
+    regex matched against the whole path; `all-linear` is every linear layer but
+    the output head; `exclude_modules` and `layers_to_transform` narrow the set.
+    """
+    targets = config["target_modules"]
+    exclude = config.get("exclude_modules")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    selected = []
+    for p in paths:
+        if targets == "all-linear":
+            hit = p != "lm_head"
+        else:
+            hit = _listed(targets, p)
+        if hit and exclude:
+            hit = not _listed(exclude, p)
+        if hit and layers and not isinstance(targets, str):
+            hit = _layer_index(p, config.get("layers_pattern")) in layers
+        if hit:
+            selected.append(p)
+    if not selected:
+        raise ValueError(f"{where}: target_modules {targets!r} match no linear layer of the base model")
+    return selected
+
+
+def target_modules(selected, paths) -> list[str]:
+    """The config entry for `selected`: short names when they select exactly it, else full paths."""
+    selected = list(selected)
+    short = sorted({p.rsplit(".", 1)[-1] for p in selected})
+    if set(select_targets({"target_modules": short}, paths, "")) == set(selected):
+        return short
+    return selected
+
+
+def pattern_value(patterns: dict | None, path: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first key matching the path's end."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

@@ -1,0 +1,111 @@
+"""MLX vs PyTorch on the same adapter and inputs: parity measured, not assumed.
+
+End to end: the logits of a fixed token sequence. Per layer: every adapted
+module applied to the same random inputs, its disagreement relative to the size
+of the adapter's own contribution (so a tiny update cannot hide a wrong one).
+Relative error means max |mlx - torch| / max |reference| throughout.
+PyTorch comes from the `torch` extra: transformers, plus PEFT for hira/lora
+and `smoa_mlx.torch` for smoa.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..files import read_json
+from ..layer import base_weight
+from .names import PEFT_PREFIX, hf_path
+
+PROBE_TOKENS = 24
+PROBE_ROWS = 8
+
+
+def max_rel(a, ref) -> float:
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def probe_tokens(vocab_size: int, n: int = PROBE_TOKENS, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (1, n)).astype(np.int64)
+
+
+def skip_reason(fmt: str, model_dir) -> str | None:
+    """Why PyTorch cannot run this comparison here, or None."""
+    needed = ["torch", "transformers"] + ([] if fmt == "smoa" else ["peft"])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'smoa-mlx[torch]')"
+    config = read_json(Path(model_dir) / "config.json")
+    if "quantization" in config or "quantization_config" in config:
+        return "the base model is quantized; transformers needs the float checkpoint"
+    return None
+
+
+def adapted_modules(model) -> dict:
+    """Every adapter layer (SMoA, mlx-lm LoRA) of an MLX model: modules wrapping a `.linear`."""
+    return {p: m for p, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "linear")}
+
+
+def mlx_logits(model, tokens: np.ndarray) -> np.ndarray:
+    return np.array(model(mx.array(tokens)).astype(mx.float32))
+
+
+def torch_model(fmt: str, model_dir, torch_adapter):
+    """The transformers model in float32 with the PyTorch adapter applied (unmerged)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    with warnings.catch_warnings():  # deprecation chatter between transformers and peft versions
+        warnings.simplefilter("ignore", FutureWarning)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).float().eval()
+        if fmt == "smoa":
+            from ..torch import apply_adapter
+
+            apply_adapter(model, torch_adapter)
+            return model
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(torch_adapter)).eval()
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
+    """Max relative error of the logits and, per adapted module, of its output."""
+    import torch
+
+    tmodel = torch_model(fmt, model_dir, torch_adapter)
+    prefix = "" if fmt == "smoa" else PEFT_PREFIX
+    rng = np.random.default_rng(1)
+    layers = {}
+    for path, m in adapted_modules(mlx_model).items():
+        w0 = np.array(base_weight(m.linear).astype(mx.float32), np.float64)
+        x = rng.standard_normal((PROBE_ROWS, w0.shape[1])).astype(np.float32)
+        y_mlx = np.array(m(mx.array(x)).astype(mx.float32))
+        with torch.no_grad():
+            y_torch = tmodel.get_submodule(prefix + hf_path(path))(torch.from_numpy(x)).numpy()
+        update = y_torch - x.astype(np.float64) @ w0.T
+        if "bias" in m.linear:
+            update -= np.array(m.linear.bias.astype(mx.float32))
+        layers[path] = float(np.max(np.abs(y_mlx - y_torch)) / max(np.max(np.abs(update)), 1e-30))
+    tokens = probe_tokens(int(read_json(Path(model_dir) / "config.json")["vocab_size"]))
+    logits = max_rel(mlx_logits(mlx_model, tokens), torch_logits(tmodel, tokens))
+    return {"logits": logits, "layers": layers}
+
+
+def describe(result: dict) -> str:
+    worst = max(result["layers"], key=result["layers"].get)
+    return (f"parity MLX vs PyTorch: max relative logit error {result['logits']:.3e} "
+            f"({PROBE_TOKENS} tokens); worst layer {worst}: {result['layers'][worst]:.3e} "
+            "of its update")

@@ -1,0 +1,92 @@
+"""python -m smoa_mlx.fuse: merge an adapter into its base model (SPEC §2.4).
+
+Writes an MLX model directory that `mlx_lm.load` loads or, with --hf, a Hugging
+Face checkpoint that `transformers` loads with no custom code. Every adapter
+layer with a `.fuse()` is merged, so SMoA and mlx-lm LoRA/DoRA adapters (e.g. an
+imported PEFT LoRA) both work. A quantized base is de-quantized, merged and
+re-quantized like the base, unless --de-quantize; a Hugging Face checkpoint is
+always float. The output directory is staged and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from mlx.utils import tree_unflatten
+
+from .cli import run
+from .convert import load_base
+from .convert.names import check_model_type
+from .convert.peft_io import staged_dir
+from .files import read_json, write_json
+
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
+
+
+def fuse_layers(model, dequantize: bool = False) -> int:
+    """Replace every adapter layer of `model` by its merged plain layer; returns how many."""
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool = False, log=print):
+    """Merge the adapter at `adapter_path` into `model` and save the result to `save_path`."""
+    from mlx_lm.utils import dequantize_model, save_config, save_model
+
+    mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
+    if hf:
+        check_model_type(config.get("model_type"))
+    dequantize = dequantize or hf
+    count = fuse_layers(mlx_model, dequantize)
+    if count == 0:
+        raise ValueError(f"{adapter_path}: the adapter has no layers to fuse")
+    if dequantize:
+        mlx_model = dequantize_model(mlx_model)
+    with staged_dir(save_path) as tmp:
+        save_model(tmp, mlx_model)
+        if hf:
+            # The base's own config (not mlx-lm's view of it), minus MLX quantization.
+            hf_config = read_json(model_dir / "config.json")
+            for key in QUANTIZATION_KEYS:
+                hf_config.pop(key, None)
+            write_json(tmp / "config.json", hf_config)
+        else:
+            if dequantize:
+                for key in QUANTIZATION_KEYS:
+                    config.pop(key, None)
+            save_config(dict(config), tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copy(model_dir / "generation_config.json", tmp)
+    kind = "Hugging Face checkpoint" if hf else "MLX model"
+    log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")
+    return save_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m smoa_mlx.fuse",
+        description="Fuse an adapter (SMoA, or mlx-lm LoRA/DoRA) into its base model.",
+    )
+    parser.add_argument("--model", default="mlx_model",
+                        help="The base model: a local directory or Hugging Face repo.")
+    parser.add_argument("--adapter-path", default="adapters", help="The adapter directory.")
+    parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model.")
+    parser.add_argument("--hf", action="store_true",
+                        help="Write a float Hugging Face checkpoint that transformers loads, not an MLX model.")
+    parser.add_argument("--de-quantize", "--dequantize", dest="dequantize", action="store_true",
+                        help="Keep a quantized base de-quantized after merging.")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    fuse(args.model, args.adapter_path, args.save_path, hf=args.hf, dequantize=args.dequantize)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
