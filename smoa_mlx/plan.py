@@ -38,6 +38,9 @@ def split_sizes(n: int, k: int) -> list[int]:
 
 
 def split_rank(rank: int, num_blocks: int, branch_ranks=None) -> list[int]:
+    """Per-block ranks: `rank // K`, the first `rank % K` blocks one more, or `branch_ranks`."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     if branch_ranks is None:
