@@ -1,0 +1,178 @@
+"""Training checkpoints: what `--resume` needs to continue a run exactly.
+
+An adapter directory being trained holds:
+- `adapters.safetensors` + `adapter_config.json`: the adapter as every loader reads it
+  (SMoA format via `adapters.adapter_tensors`, or mlx-lm's own LoRA format);
+- `{step:07d}_adapters.safetensors`: numbered copies, as mlx-lm writes them;
+- `training_state.safetensors`: the adapter tensors again plus the optimizer state
+  (`optimizer.<flattened path>`), with the step, data position, RNG key and run
+  arguments as JSON metadata. It is self-contained, so one atomic rename makes a
+  checkpoint resumable: a crash between files leaves every file a complete
+  checkpoint, at most one save behind the others;
+- `metrics.jsonl`: one JSON object per progress report or validation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .adapters import CONFIG, WEIGHTS, adapter_tensors
+from .files import atomic_write, load_safetensors, save_safetensors, write_json
+
+STATE = "training_state.safetensors"
+METRICS = "metrics.jsonl"
+_META_KEY = "smoa_mlx_training_state"
+
+
+def numbered(step: int) -> str:
+    return f"{step:07d}_{WEIGHTS}"
+
+
+@dataclass
+class Checkpoint:
+    """Adapter tensors, and for a full checkpoint the optimizer state and metadata."""
+
+    adapter: dict[str, mx.array]
+    optimizer: dict[str, mx.array] | None
+    meta: dict | None
+    source: Path
+
+
+def model_adapter(model: nn.Module, method: str) -> dict[str, mx.array]:
+    """The tensors an adapter file holds: SMoA's blocks and orders, or LoRA's trainables."""
+    if method == "lora":
+        return dict(tree_flatten(model.trainable_parameters()))
+    return adapter_tensors(model)
+
+
+def all_finite(tensors: dict[str, mx.array]) -> bool:
+    floats = [v for v in tensors.values() if mx.issubdtype(v.dtype, mx.floating)]
+    checks = [mx.all(mx.isfinite(v)) for v in floats]
+    return bool(mx.all(mx.stack(checks)).item()) if checks else True
+
+
+def save(adapter_path, adapter: dict, optimizer_state: dict, config: dict, meta: dict) -> Path:
+    """Write one checkpoint, every file atomically: resumable state first, then the
+    numbered copy, then the adapter file and config that loaders read."""
+    adapter_path = Path(adapter_path)
+    tensors = {f"adapter.{k}": v for k, v in adapter.items()}
+    tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer_state)})
+    save_safetensors(adapter_path / STATE, tensors, {_META_KEY: json.dumps(meta)})
+    save_safetensors(adapter_path / numbered(meta["step"]), adapter)
+    save_safetensors(adapter_path / WEIGHTS, adapter)
+    write_json(adapter_path / CONFIG, config)
+    return adapter_path
+
+
+def load(path) -> Checkpoint:
+    """Read a `training_state.safetensors`."""
+    path = Path(path)
+    tensors = load_safetensors(path)
+    _, metadata = mx.load(str(path), return_metadata=True)
+    if _META_KEY not in metadata:
+        raise ValueError(f"{path}: not a smoa_mlx training state (no {_META_KEY} metadata)")
+    split = {"adapter": {}, "optimizer": {}}
+    for name, value in tensors.items():
+        kind, _, key = name.partition(".")
+        if kind not in split:
+            raise ValueError(f"{path}: unexpected tensor {name}")
+        split[kind][key] = value
+    return Checkpoint(split["adapter"], split["optimizer"], json.loads(metadata[_META_KEY]), path)
+
+
+def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint | None:
+    """The checkpoint to continue from: `--resume` reads `adapter_path`'s training state;
+    `--resume-adapter-file F` reads F, and continues exactly when the training state
+    beside F holds the same adapter (else only the weights are reused, as mlx-lm does)."""
+    if resume and resume_adapter_file:
+        raise ValueError("pass either --resume or --resume-adapter-file, not both")
+    if resume:
+        state = Path(adapter_path) / STATE
+        if not state.is_file():
+            raise FileNotFoundError(
+                f"{adapter_path}: no {STATE} to resume from (train without --resume first)"
+            )
+        return load(state)
+    if not resume_adapter_file:
+        return None
+    path = Path(resume_adapter_file)
+    weights = load_safetensors(path)
+    state = path.parent / STATE
+    if state.is_file():
+        full = load(state)
+        same = set(full.adapter) == set(weights) and all(
+            full.adapter[k].shape == v.shape and mx.array_equal(full.adapter[k], v).item()
+            for k, v in weights.items()
+        )
+        if same:
+            return full
+    return Checkpoint(weights, None, None, path)
+
+
+def restore_optimizer(optimizer, model: nn.Module, flat: dict[str, mx.array], where) -> None:
+    """Put saved optimizer state (step, learning rate, moments) into `optimizer`."""
+    optimizer.init(model.trainable_parameters())
+    expected = dict(tree_flatten(optimizer.state))
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise ValueError(f"{where}: optimizer state does not fit this model/optimizer ({what})")
+    for k, v in flat.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(
+                f"{where}: optimizer tensor {k} has shape {tuple(v.shape)}, "
+                f"expected {tuple(expected[k].shape)}"
+            )
+    optimizer.state = tree_map_with_path(lambda p, _: flat[p], optimizer.state)
+    optimizer.init(model.trainable_parameters())
+
+
+def smoa_orders(tensors: dict[str, mx.array]) -> dict:
+    """Module path -> (row_order, col_order) saved in an SMoA adapter: resuming never re-plans."""
+    orders = {}
+    for name, rows in tensors.items():
+        path = name.removesuffix(".row_order")
+        if path != name and f"{path}.col_order" in tensors:
+            orders[path] = (np.array(rows), np.array(tensors[f"{path}.col_order"]))
+    return orders
+
+
+def load_into(model: nn.Module, method: str, tensors: dict[str, mx.array], where) -> None:
+    """Load adapter tensors into an adapted model, naming any tensor that does not fit."""
+    expected = model_adapter(model, method)
+    for name, value in tensors.items():
+        if name not in expected:
+            raise ValueError(f"{where}: unexpected tensor {name} for --method {method} here")
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"{where}: tensor {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{where}: missing tensor {missing[0]}")
+    model.load_weights(list(tensors.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def rewrite_metrics(adapter_path, upto_step: int | None) -> None:
+    """Keep only records up to `upto_step` (resume), or none (fresh run)."""
+    path = Path(adapter_path) / METRICS
+    keep = []
+    if upto_step is not None and path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line)["step"] <= upto_step]
+    atomic_write(path, lambda t: t.write_text("".join(line + "\n" for line in keep)))
+
+
+def append_metrics(adapter_path, record: dict) -> None:
+    with open(Path(adapter_path) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
