@@ -29,6 +29,7 @@ from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .patch import DEFAULT_TARGETS, apply_smoa, smoa_layers, summarize, target_paths
+from .rank import format_rank_report, rank_report
 from .schedule import OPTIMIZERS, build_optimizer, cosine_schedule
 
 DEFAULT_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
@@ -531,6 +532,9 @@ def train(args) -> dict:
     loop = _Loop(model, optimizer, args, adapter_config(model, args, paths), batchers, progress)
     result = loop.run()
     result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9)
+    # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank).
+    result["rank_report"] = rank_report(model)
+    print(format_rank_report(result["rank_report"]))
     if args.test:
         model.eval()
         result["test_loss"] = evaluate(model, batchers["test"].eval_batches(args.test_batches))

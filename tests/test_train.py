@@ -72,10 +72,13 @@ def assert_same_tensors(a: dict, b: dict, atol=1e-6):
 # ---------------------------------------------------------------- learning
 
 
-def test_tiny_smoa_learns_saves_and_reloads(tiny_model_dir, arith, tmp_path):
+def test_tiny_smoa_learns_saves_and_reloads(tiny_model_dir, arith, tmp_path, capsys):
     out = tmp_path / "run"
     r = train(opts(tiny_model_dir, arith, out, iters=12, save_every=5, test=True))
     assert r["steps"] == 12 and r["val_loss"] < r["initial_val_loss"] - 0.02
+    # The trainer prints the effective rank of the learned updates: above r=8 for K=2.
+    assert "Effective rank of the learned updates" in capsys.readouterr().out
+    assert r["rank_report"]["summary"]["all"]["rank_1pct"]["max"] > 8
     assert r["trainable"] > 0 and r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0
     names = {p.name for p in out.iterdir()}
     assert {"adapters.safetensors", "adapter_config.json", checkpoint.STATE, checkpoint.METRICS,
