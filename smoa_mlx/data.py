@@ -175,7 +175,9 @@ def _messages(record: dict, loc: str, mask_prompt: bool) -> list[dict]:
     return messages
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared start of two token lists (where a prompt ends inside a
+    templated conversation; how much of a KV cache is still valid)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -190,7 +192,7 @@ def _plain(tokenizer, prompt: str, completion: str, mask_prompt: bool) -> Exampl
     if eos is not None and (not tokens or tokens[-1] != eos):
         tokens.append(eos)
     # Tokens can merge across the boundary; the loss starts where the prompt's own tokens end.
-    offset = _common_prefix(tokenizer.encode(prompt), tokens) if mask_prompt and prompt else 0
+    offset = common_prefix(tokenizer.encode(prompt), tokens) if mask_prompt and prompt else 0
     return Example(tokens, offset)
 
 
@@ -203,7 +205,7 @@ def _chat(tokenizer, messages: list[dict], mask_prompt: bool, loc: str) -> Examp
     except Exception as e:  # templates raise on conversations they do not accept
         raise ValueError(f"{loc}: the tokenizer's chat template rejects it: {e}") from None
     # The template ends the turn itself (mlx-lm adds no EOS to chat data).
-    return Example(tokens, _common_prefix(prompt, tokens))
+    return Example(tokens, common_prefix(prompt, tokens))
 
 
 def _example(record: dict, fmt: str, tokenizer, mask_prompt: bool, chat: bool, loc: str):

@@ -28,8 +28,9 @@ from mlx_lm.generate import generate
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .cli import run
+from .data import common_prefix
 from .files import write_json
-from .generate import add_model_args, common_prefix, load_model
+from .generate import add_model_args, load_model
 from .tasks import (
     TASKS, check_task, extract_label, extract_number, load_items, numbers_match,
     read_documents,

@@ -21,6 +21,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_sampler
 
 from .cli import run
+from .data import common_prefix
 
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
@@ -100,15 +101,6 @@ def raw_text(messages: list[dict]) -> str:
     for m in messages:
         text += ("" if m["role"] == "assistant" or not text else "\n\n") + m["content"]
     return text
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PromptCache:
