@@ -1,0 +1,108 @@
+"""Effective rank of the learned updates ΔW: SMoA's selling point is a high-rank update
+from few parameters (LoRA at rank r is capped at r), so users should see it measured.
+
+Two measures per module, from the singular values s of ΔW (float64):
+- `rank_1pct`: how many s are above 1% of the largest (a numerical rank);
+- `entropy_rank`: exp(H(p)) with p = s / sum(s) (Roy & Vetterli's effective rank), a
+  smooth count that is small when a few directions carry the update.
+An all-zero ΔW (an untrained adapter) has rank 0 by both measures.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.tuner.lora import LoRALinear
+
+from .layer import SMoALinear
+from .patch import _natural
+
+REL_TOL = 0.01
+_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+
+
+def delta_weight(module: nn.Module) -> mx.array:
+    """The dense scaled update (d_out, d_in) of an SMoA or mlx-lm LoRA layer."""
+    if isinstance(module, SMoALinear):
+        return module.delta_weight()
+    if isinstance(module, LoRALinear):  # mlx-lm: y += scale * (x @ lora_a) @ lora_b
+        return module.scale * (module.lora_b.T @ module.lora_a.T)
+    raise TypeError(f"no update to measure in a {type(module).__name__}")
+
+
+def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
+    """ΔW of every SMoA / LoRA layer of `model`, by module path (layers in numeric order)."""
+    found = {p: m for p, m in model.named_modules() if isinstance(m, (SMoALinear, LoRALinear))}
+    return {p: delta_weight(found[p]) for p in sorted(found, key=_natural)}
+
+
+def effective_rank(delta, rel_tol: float = REL_TOL) -> tuple[int, float]:
+    """(singular values above `rel_tol` * the largest, exp of the singular-value entropy)."""
+    s = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
+    if s.size == 0 or s[0] <= 0:
+        return 0, 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return int((s > rel_tol * s[0]).sum()), float(np.exp(-(p * np.log(p)).sum()))
+
+
+def module_type(path: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (the name shared across layers)."""
+    m = _LAYER.search(path)
+    return path[m.end():] if m else path
+
+
+def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
+    """Per adapted module: its shape, the cap min(d_out, d_in), and both effective ranks."""
+    deltas = adapter_deltas(model)
+    if not deltas:
+        raise ValueError("the model has no SMoA or LoRA layers to measure")
+    modules = {}
+    for path, delta in deltas.items():
+        delta = np.array(delta.astype(mx.float32))
+        rank, entropy = effective_rank(delta, rel_tol)
+        modules[path] = {"type": module_type(path), "shape": list(delta.shape),
+                         "max_rank": min(delta.shape), "rank_1pct": rank, "entropy_rank": entropy}
+    return {"rel_tol": rel_tol, "modules": modules, "summary": summarize(modules)}
+
+
+def summarize(modules: dict) -> dict:
+    """Mean/min/max of both measures per module type and over all modules (key "all")."""
+    groups: dict[str, list[dict]] = {}
+    for info in modules.values():
+        groups.setdefault(info["type"], []).append(info)
+    groups["all"] = list(modules.values())
+    out = {}
+    for name, items in groups.items():
+        row = {"count": len(items), "shape": _shape(items),
+               "max_rank": max(i["max_rank"] for i in items)}
+        for key in ("rank_1pct", "entropy_rank"):
+            values = np.array([i[key] for i in items], dtype=np.float64)
+            row[key] = {"mean": float(values.mean()), "min": float(values.min()),
+                        "max": float(values.max())}
+        out[name] = row
+    return out
+
+
+def _shape(items) -> str:
+    shapes = {tuple(i["shape"]) for i in items}
+    return "x".join(map(str, shapes.pop())) if len(shapes) == 1 else "mixed"
+
+
+def format_rank_report(report: dict) -> str:
+    """A compact table: one row per module type, then all modules."""
+    head = ("module", "n", "shape", "cap", f"rank>{report['rel_tol']:.0%} mean/min/max",
+            "entropy rank mean/min/max")
+    rows = [head]
+    for name, r in report["summary"].items():
+        a, e = r["rank_1pct"], r["entropy_rank"]
+        rows.append((name, str(r["count"]), r["shape"], str(r["max_rank"]),
+                     f"{a['mean']:.1f} / {a['min']:.0f} / {a['max']:.0f}",
+                     f"{e['mean']:.1f} / {e['min']:.1f} / {e['max']:.1f}"))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "Effective rank of the learned updates ΔW\n" + "\n".join(lines)
