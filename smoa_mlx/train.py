@@ -4,6 +4,12 @@ Flags mirror `mlx_lm.lora`. The loop is one `mx.compile`d step (loss, gradient,
 optimizer update) over the adapter parameters only; checkpoints carry the
 optimizer state, step, data position and RNG key, so `--resume` continues a run
 exactly. `train(args)` is the same thing for Python callers.
+
+Launched by `mlx.launch`, it trains data-parallel (`distributed.py`): each process
+takes its rows of every global batch of --batch-size, the gradients are summed over
+the processes inside the compiled step and normalised by the token count of the whole
+group, so N processes compute the update of one process with the same global batch.
+Rank 0 logs and writes every file.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint
 from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
+from .distributed import Distributed, array_digest, data_digest, model_digest
 from .patch import DEFAULT_TARGETS, apply_smoa, smoa_layers, summarize, target_paths
 from .rank import format_rank_report, rank_report
 from .schedule import OPTIMIZERS, build_optimizer, cosine_schedule
@@ -48,12 +56,16 @@ DEFAULTS = {
     "grad_checkpoint": False, "max_seq_length": 2048, "mask_prompt": None, "val_batches": 25,
     "steps_per_report": 10, "steps_per_eval": 200, "save_every": 100,
     "adapter_path": "adapters", "resume": False, "resume_adapter_file": None, "seed": 0,
-    "config": None,
+    "distributed_timeout": 600.0, "config": None,
 }
 # Arguments that change which parameters exist: a resumed run must keep them.
 STRUCTURAL = ("method", "rank", "num_blocks", "alpha", "targets", "num_layers", "dtype")
 # Arguments that describe one invocation, not the run: never inherited on resume.
-PER_INVOCATION = ("train", "test", "resume", "resume_adapter_file", "config")
+PER_INVOCATION = ("train", "test", "resume", "resume_adapter_file", "distributed_timeout", "config")
+# Options that may differ between the processes of a distributed run (paths on each
+# machine); the processes must agree on every other one.
+LOCAL_OPTIONS = ("model", "data", "adapter_path", "resume_adapter_file", "distributed_timeout",
+                 "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(default iters // 10).")
     a("--iters", type=int, help="Optimizer updates to run (default 200); each consumes "
       "--grad-accumulation-steps batches (mlx-lm counts batches instead).")
-    a("--batch-size", type=int, help="Examples per batch (default 4).")
+    a("--batch-size", type=int, help="Examples per batch (default 4). With several processes "
+      "(mlx.launch) it is the global batch, split evenly over them, as in mlx-lm.")
     a("--grad-accumulation-steps", type=int, help="Batches averaged (token-weighted) into "
       "each update (default 1).")
     flag("--grad-checkpoint", help="Recompute decoder-layer activations in the backward pass "
@@ -111,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume-adapter-file", help="Start from this adapters.safetensors; continues exactly "
       "when its training state is beside it, else reuses only the weights.")
     a("--seed", type=int, help="Seed for initialisation, data order and dropout (default 0).")
+    a("--distributed-timeout", type=float, help="Under mlx.launch: seconds a process waits for "
+      "the others in one exchange before it stops with an error, so a hung process cannot "
+      "block the run forever; 0 waits forever (default 600).")
     a("-c", "--config", help="YAML file of options; keys are the flag names with underscores. "
       "Flags override it.")
     return p
@@ -194,6 +210,8 @@ def _validate(args: SimpleNamespace) -> None:
         raise ValueError(f"--warmup must be in [0, --iters={args.iters}), got {args.warmup}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not args.distributed_timeout >= 0:
+        raise ValueError(f"--distributed-timeout must be >= 0, got {args.distributed_timeout}")
 
 
 def resolve_args(args) -> tuple[SimpleNamespace, checkpoint.Checkpoint | None]:
@@ -252,39 +270,56 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.arra
     return ce / mx.maximum(ntoks, 1), ntoks
 
 
-def make_step(model: nn.Module, optimizer, loss=loss_fn):
+def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
     """One compiled function per micro-batch: loss, gradient, and (if `do_update`) the update.
 
     Gradients are summed weighted by each micro-batch's token count and divided by
     the total at the update, so N accumulated micro-batches give exactly the update
-    of one batch holding all their tokens. Returns (loss, tokens, accumulator).
+    of one batch holding all their tokens. Over a distributed `group` the same holds
+    across processes: the loss and token count returned are those of the micro-batch
+    over all ranks (so every rank sees the same loss, and the same NaN), and the
+    update divides the summed gradients by the group's token count.
+    Returns (loss, tokens, accumulator).
     """
     value_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
+    world = group.size() if group is not None else 1
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs, targets, mask, acc, do_update):
         (value, ntoks), grad = value_and_grad(model, inputs, targets, mask)
         grad = tree_map(lambda g: g * ntoks, grad)
+        if world > 1:
+            stats = mx.distributed.all_sum(mx.stack([value * ntoks, ntoks]), group=group)
+            ntoks = stats[1]
+            value = stats[0] / mx.maximum(ntoks, 1)
         total = ntoks
         if acc is not None:
             grad = tree_map(mx.add, grad, acc[0])
             total = total + acc[1]
         if do_update:
-            optimizer.update(model, tree_map(lambda g: g / mx.maximum(total, 1), grad))
+            # Only the trainable parameters travel, grouped into few all_sums; the mean
+            # over ranks of the token-weighted sums over the mean tokens per rank is
+            # the mean over every token of the group.
+            grad = average_gradients(grad, group=group)
+            per_rank = mx.maximum(total, 1) / world
+            optimizer.update(model, tree_map(lambda g: g / per_rank, grad))
             return value, ntoks, None
         return value, ntoks, (grad, total)
 
     return step, state
 
 
-def evaluate(model: nn.Module, batches, loss=loss_fn) -> float:
-    """Token-weighted mean loss over `batches` of (inputs, targets, mask)."""
+def evaluate(model: nn.Module, batches, loss=loss_fn, dist: Distributed | None = None) -> float:
+    """Token-weighted mean loss over `batches` of (inputs, targets, mask); with `dist`,
+    over every rank's rows of them."""
     total, ntoks = mx.array(0.0), mx.array(0.0)
     for batch in batches:
         value, n = loss(model, *batch)
         total, ntoks = total + value * n, ntoks + n
         mx.eval(total, ntoks)
+    if dist is not None and dist.size > 1:
+        total, ntoks = map(mx.array, dist.sum([total.item(), ntoks.item()], "an evaluation"))
     return (total / mx.maximum(ntoks, 1)).item()
 
 
@@ -314,8 +349,9 @@ def grad_checkpoint(layers) -> None:
         layer._smoa_checkpoint = True
 
 
-def estimate_memory(model: nn.Module, trainable: int, args, seq: int) -> dict:
-    """A rough peak-memory estimate in bytes: weights, adapter training state, activations.
+def estimate_memory(model: nn.Module, trainable: int, args, seq: int, batch: int | None = None) -> dict:
+    """A rough peak-memory estimate in bytes: weights, adapter training state, activations
+    (of `batch` examples; default --batch-size).
 
     SMoA layers also hold their anchor blocks (1/K of each adapted weight) and, during a
     step, the dense block products and their gradients: three anchor-sized buffers.
@@ -327,7 +363,7 @@ def estimate_memory(model: nn.Module, trainable: int, args, seq: int) -> dict:
     adapter += 3 * size * sum(
         m.num_blocks * max(m.out_sizes) * max(m.in_sizes) for m in smoa_layers(model).values()
     )
-    cfg, batch, act = getattr(model, "args", None), args.batch_size, 0
+    cfg, batch, act = getattr(model, "args", None), batch or args.batch_size, 0
     if cfg is not None and hasattr(cfg, "hidden_size"):
         h, n = cfg.hidden_size, cfg.num_hidden_layers
         inter = getattr(cfg, "intermediate_size", 4 * h)
@@ -445,7 +481,7 @@ def describe(model: nn.Module, args, summary: dict) -> str:
 
 
 @contextmanager
-def _stop_on_sigint():
+def _stop_on_sigint(announce: bool = True):
     """The first Ctrl-C asks the loop to stop after the current update (then it saves)."""
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
@@ -456,8 +492,9 @@ def _stop_on_sigint():
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        print("\nCtrl-C: saving a checkpoint after this update (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        if announce:
+            print("\nCtrl-C: saving a checkpoint after this update (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -479,19 +516,44 @@ def train(args) -> dict:
     take the defaults). All input is checked before anything is written.
     """
     args, resume = resolve_args(args)
+    dist = Distributed.init(args.distributed_timeout)
+    with dist.quiet():
+        return _train(args, resume, dist)
+
+
+def _batchers(data: dict, args, dist: Distributed, seed: int) -> dict[str, Batcher]:
+    """This process's share of every global batch of --batch-size examples."""
+    if args.batch_size % dist.size:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch; it must be "
+                         f"divisible by the {dist.size} processes")
+    local = args.batch_size // dist.size
+    return {s: Batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
+                       world_size=dist.size) for s, d in data.items()}
+
+
+def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
+    """What the processes of a run must share: options, data, and `fingerprints` of the
+    model and the starting state."""
+    shown = {f"the number of {s} examples": len(d) for s, d in data.items()}
+    hashed = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items()
+              if k not in LOCAL_OPTIONS}
+    hashed.update({f"the {s} data": data_digest(d) for s, d in data.items()})
+    return shown, {**hashed, **fingerprints}
+
+
+def _train(args, resume, dist: Distributed) -> dict:
     mx.reset_peak_memory()
     model, tokenizer = load_model(args.model)
     if not args.train:
-        return _test_only(model, tokenizer, args)
+        return _test_only(model, tokenizer, args, dist)
     splits = ("train", "valid") + (("test",) if args.test else ())
     data = load_data(args.data, tokenizer, mask_prompt=args.mask_prompt, splits=splits)
-    batchers = {
-        s: Batcher(data[s], args.batch_size, args.max_seq_length, seed=args.seed) for s in splits
-    }
+    batchers = _batchers(data, args, dist, args.seed)
 
     mx.random.seed(args.seed)
     if args.upcast_base:
         upcast_base(model)
+    base = model_digest(model) if dist.size > 1 else None
     if args.method != "lora" and resume is None:
         print(f"Planning the {args.method} blocks of each adapted weight...", flush=True)
     paths, summary = adapt(model, args, resume)
@@ -507,11 +569,20 @@ def train(args) -> dict:
         mx.random.seed((hi << 32) | lo)
     else:
         optimizer.init(model.trainable_parameters())
+    if dist.size > 1:
+        state = {"adapter": checkpoint.model_adapter(model, args.method),
+                 "optimizer": optimizer.state}
+        dist.check_agreement(*_agreement(args, data, {
+            "the base model (config, parameter shapes, sampled weights)": base,
+            "the starting adapter and optimizer state (initialisation or checkpoint)":
+                [array_digest(state), progress, _rng_key()],
+        }))
 
-    # Everything is checked; from here on the adapter directory is written.
+    # Everything is checked; from here on rank 0 writes the adapter directory.
     out = Path(args.adapter_path)
     longest = min(max(len(e.tokens) for e in data["train"]), args.max_seq_length)
-    est = estimate_memory(model, summary["trainable"], args, longest)
+    local = args.batch_size // dist.size
+    est = estimate_memory(model, summary["trainable"], args, longest, batch=local)
     truncated = sum(b.truncated for b in batchers.values())
     print(describe(model, args, summary))
     if _float_dtype(model) != mx.float32 and mx.default_device() == mx.cpu:
@@ -522,22 +593,28 @@ def train(args) -> dict:
     gb = {k: f"{v / 1e9:.3f}" for k, v in est.items()}
     print(f"Estimated peak memory (rough): {gb['total']} GB = weights {gb['weights']} + adapter "
           f"training state {gb['adapter']} + activations {gb['activations']} "
-          f"(batch {args.batch_size} x {longest} tokens)", flush=True)
+          f"(batch {local} x {longest} tokens)", flush=True)
+    if dist.size > 1:
+        print(f"Distributed: {dist.size} processes, each {local} examples of every global "
+              f"batch of {args.batch_size}; rank 0 logs and writes {out}")
     if progress["step"]:
         print(f"Resuming from {resume.source} at step {progress['step']}")
     elif (out / checkpoint.STATE).exists():
         print(f"Note: starting over in {out} (pass --resume to continue the run there)")
-    checkpoint.rewrite_metrics(out, progress["step"] or None)
+    if dist.main:
+        checkpoint.rewrite_metrics(out, progress["step"] or None)
 
-    loop = _Loop(model, optimizer, args, adapter_config(model, args, paths), batchers, progress)
-    result = loop.run()
-    result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9)
+    config = adapter_config(model, args, paths)
+    result = _Loop(model, optimizer, args, config, batchers, progress, dist).run()
+    result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9,
+                  world_size=dist.size)
     # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank).
     result["rank_report"] = rank_report(model)
     print(format_rank_report(result["rank_report"]))
     if args.test:
         model.eval()
-        result["test_loss"] = evaluate(model, batchers["test"].eval_batches(args.test_batches))
+        result["test_loss"] = evaluate(model, batchers["test"].eval_batches(args.test_batches),
+                                       dist=dist)
         print(f"Test loss {result['test_loss']:.3f}, Test ppl {math.exp(result['test_loss']):.3f}")
     return result
 
@@ -553,8 +630,9 @@ def _empty_window() -> dict:
 class _Loop:
     """The training loop's state: step, data position, report window, checkpoints."""
 
-    def __init__(self, model, optimizer, args, config, batchers, progress):
+    def __init__(self, model, optimizer, args, config, batchers, progress, dist: Distributed):
         self.model, self.optimizer, self.args, self.config = model, optimizer, args, config
+        self.dist = dist
         self.train_batches, self.valid = batchers["train"], batchers["valid"]
         self.out = Path(args.adapter_path)
         self.step, self.micro = progress["step"], progress["micro_step"]
@@ -569,9 +647,9 @@ class _Loop:
         args, start = self.args, self.step
         initial = self.validate() if start == 0 else None
         val_loss = initial
-        step_fn, state = make_step(self.model, self.optimizer)
+        step_fn, state = make_step(self.model, self.optimizer, group=self.dist.group)
         self.model.train()
-        with _stop_on_sigint() as flag:
+        with _stop_on_sigint(announce=self.dist.main) as flag:
             try:
                 while self.step < args.iters:
                     self.update(step_fn, state)
@@ -581,7 +659,8 @@ class _Loop:
                         val_loss = self.validate()
                     if self.step % args.save_every == 0 or self.step == args.iters:
                         self.save()
-                    if flag["stop"]:
+                    # Every rank stops after the same update, whichever saw the Ctrl-C.
+                    if self.dist.any(flag["stop"], f"the stop check after step {self.step}"):
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 self.interrupted()
@@ -607,7 +686,8 @@ class _Loop:
         for i in range(accum):
             batch = self.train_batches.batch(self.micro + i)
             value, ntoks, acc = step_fn(*batch, acc, i == accum - 1)
-            mx.eval(state, value, ntoks, acc)
+            with self.dist.wait(f"training step {self.step + 1}"):
+                mx.eval(state, value, ntoks, acc)
             value, ntoks = value.item(), ntoks.item()
             if not math.isfinite(value):
                 raise ValueError(_diverged(self.step + 1, "the loss", self.last_saved, self.args))
@@ -632,25 +712,28 @@ class _Loop:
         print(f"Iter {self.step}/{args.iters}: train loss {loss:.3f}, lr {lr:.3e}, "
               f"it/s {t['steps'] / t['time']:.3f}, tok/s {t['tokens'] / t['time']:.1f}, "
               f"peak mem {peak:.3f} GB, ETA {_fmt_time(eta)}", flush=True)
+        self.last_train_loss = loss
+        self.window = _empty_window()
+        self.timer = {"time": 0.0, "tokens": 0.0, "steps": 0}
+        if not self.dist.main:
+            return
         checkpoint.append_metrics(self.out, {
             "type": "train", "step": self.step, "train_loss": loss, "learning_rate": lr,
             "iterations_per_second": t["steps"] / t["time"],
             "tokens_per_second": t["tokens"] / t["time"],
             "trained_tokens": self.trained_tokens, "peak_memory_gb": peak,
         })
-        self.last_train_loss = loss
-        self.window = _empty_window()
-        self.timer = {"time": 0.0, "tokens": 0.0, "steps": 0}
 
     def validate(self) -> float:
         tic = time.perf_counter()
         self.model.eval()
-        loss = evaluate(self.model, self.valid.eval_batches(self.args.val_batches))
+        loss = evaluate(self.model, self.valid.eval_batches(self.args.val_batches), dist=self.dist)
         self.model.train()
         took = time.perf_counter() - tic
         print(f"Iter {self.step}: val loss {loss:.3f}, val took {took:.1f}s", flush=True)
-        record = {"type": "val", "step": self.step, "val_loss": loss, "val_time": took}
-        checkpoint.append_metrics(self.out, record)
+        if self.dist.main:
+            record = {"type": "val", "step": self.step, "val_loss": loss, "val_time": took}
+            checkpoint.append_metrics(self.out, record)
         return loss
 
     def save(self) -> None:
@@ -662,7 +745,8 @@ class _Loop:
             "trained_tokens": self.trained_tokens, "rng": self.rng,
             "args": vars(self.args),
         }
-        checkpoint.save(self.out, adapter, self.optimizer.state, self.config, meta)
+        if self.dist.main:
+            checkpoint.save(self.out, adapter, self.optimizer.state, self.config, meta)
         self.last_saved = self.step
         print(f"Iter {self.step}: saved {self.out / checkpoint.numbered(self.step)}", flush=True)
 
@@ -674,9 +758,10 @@ class _Loop:
             self.rng = _rng_key()
         if self.last_saved != self.step:
             self.save()
-        print(f"Interrupted at step {self.step}; checkpoint in {self.out}. Resume with: "
-              f"python -m smoa_mlx.train --resume --adapter-path {self.out}",
-              file=sys.stderr, flush=True)
+        if self.dist.main:
+            print(f"Interrupted at step {self.step}; checkpoint in {self.out}. Resume with: "
+                  f"python -m smoa_mlx.train --resume --adapter-path {self.out}",
+                  file=sys.stderr, flush=True)
 
 
 def _diverged(step: int, what: str, last_saved, args) -> str:
@@ -688,15 +773,18 @@ def _diverged(step: int, what: str, last_saved, args) -> str:
     )
 
 
-def _test_only(model, tokenizer, args) -> dict:
+def _test_only(model, tokenizer, args, dist: Distributed) -> dict:
     from .adapters import load_adapter
 
     data = load_data(args.data, tokenizer, mask_prompt=args.mask_prompt, splits=("test",))
     if args.adapter_path:
         load_adapter(model, args.adapter_path)
     model.eval()
-    batcher = Batcher(data["test"], args.batch_size, args.max_seq_length)
-    loss = evaluate(model, batcher.eval_batches(args.test_batches))
+    batcher = _batchers(data, args, dist, seed=0)["test"]
+    if dist.size > 1:
+        fingerprint = {"the model and adapter (config, shapes, sampled weights)": model_digest(model)}
+        dist.check_agreement(*_agreement(args, data, fingerprint))
+    loss = evaluate(model, batcher.eval_batches(args.test_batches), dist=dist)
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}")
     return {"adapter_path": args.adapter_path, "test_loss": loss}
 
