@@ -121,19 +121,19 @@ def _order(weights: dict, key: str, n: int, file: Path) -> np.ndarray:
     return order
 
 
-def _check_tensors(model: nn.Module, weights: dict, file: Path) -> None:
-    expected = adapter_tensors(model)
-    for name, value in weights.items():
+def check_tensors(expected: dict, tensors: dict, where, context: str = "") -> None:
+    """Every tensor expected, none extra, shapes equal; else a one-line error naming it."""
+    for name, value in tensors.items():
         if name not in expected:
-            raise ValueError(f"{file}: unexpected tensor {name}")
+            raise ValueError(f"{where}: unexpected tensor {name}{context}")
         if value.shape != expected[name].shape:
             raise ValueError(
-                f"{file}: tensor {name} has shape {tuple(value.shape)}, "
+                f"{where}: tensor {name} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise ValueError(f"{file}: missing tensor {missing[0]}")
+        raise ValueError(f"{where}: missing tensor {missing[0]}")
 
 
 def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
@@ -162,7 +162,7 @@ def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
     originals = dict(model.named_modules())
     try:
         apply_smoa(model, keys=paths, orders=orders, **params)
-        _check_tensors(model, weights, file)
+        check_tensors(adapter_tensors(model), weights, file)
     except ValueError as e:
         model.update_modules(tree_unflatten([(q, originals[q]) for q in paths]))
         msg = str(e)

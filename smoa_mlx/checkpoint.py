@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .adapters import CONFIG, WEIGHTS, adapter_tensors
+from .adapters import CONFIG, WEIGHTS, adapter_tensors, check_tensors
 from .files import atomic_write, load_safetensors, save_safetensors, write_json
 
 STATE = "training_state.safetensors"
@@ -147,18 +147,7 @@ def smoa_orders(tensors: dict[str, mx.array]) -> dict:
 
 def load_into(model: nn.Module, method: str, tensors: dict[str, mx.array], where) -> None:
     """Load adapter tensors into an adapted model, naming any tensor that does not fit."""
-    expected = model_adapter(model, method)
-    for name, value in tensors.items():
-        if name not in expected:
-            raise ValueError(f"{where}: unexpected tensor {name} for --method {method} here")
-        if value.shape != expected[name].shape:
-            raise ValueError(
-                f"{where}: tensor {name} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"{where}: missing tensor {missing[0]}")
+    check_tensors(model_adapter(model, method), tensors, where, f" for --method {method} here")
     model.load_weights(list(tensors.items()), strict=False)
     mx.eval(model.parameters())
 
