@@ -18,10 +18,11 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def linear_paths(model: nn.Module) -> list[str]:
     """Module paths of every plain or quantized linear layer, layers in numeric order."""
     paths = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    return sorted(paths, key=_natural)
+    return sorted(paths, key=natural_key)
 
 
-def _natural(path: str):
+def natural_key(path: str):
+    """Sort key putting `layers.10` after `layers.9`."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
@@ -29,11 +30,17 @@ def _matches(path: str, key: str) -> bool:
     return path == key or path.endswith("." + key)
 
 
+def layer_relative(path: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (mlx-lm's key for it);
+    a path outside the decoder layers stays whole."""
+    m = _LAYER.search(path)
+    return path[m.end() :] if m else path
+
+
 def _short_names(paths) -> list[str]:
     names = set()
     for p in paths:
-        m = _LAYER.search(p)
-        rel = p[m.end() :] if m else p
+        rel = layer_relative(p)
         names.add(rel)
         names.add(rel.rsplit(".", 1)[-1])
     return sorted(names)
@@ -99,7 +106,7 @@ def apply_smoa(
 
 def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
     layers = {p: m for p, m in model.named_modules() if isinstance(m, SMoALinear)}
-    return {p: layers[p] for p in sorted(layers, key=_natural)}
+    return {p: layers[p] for p in sorted(layers, key=natural_key)}
 
 
 def summarize(model: nn.Module) -> dict:

@@ -10,18 +10,15 @@ An all-zero ΔW (an untrained adapter) has rank 0 by both measures.
 
 from __future__ import annotations
 
-import re
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.lora import LoRALinear
 
 from .layer import SMoALinear
-from .patch import _natural
+from .patch import layer_relative, natural_key
 
 REL_TOL = 0.01
-_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 
 
 def delta_weight(module: nn.Module) -> mx.array:
@@ -36,7 +33,7 @@ def delta_weight(module: nn.Module) -> mx.array:
 def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
     """ΔW of every SMoA / LoRA layer of `model`, by module path (layers in numeric order)."""
     found = {p: m for p, m in model.named_modules() if isinstance(m, (SMoALinear, LoRALinear))}
-    return {p: delta_weight(found[p]) for p in sorted(found, key=_natural)}
+    return {p: delta_weight(found[p]) for p in sorted(found, key=natural_key)}
 
 
 def effective_rank(delta, rel_tol: float = REL_TOL) -> tuple[int, float]:
@@ -49,12 +46,6 @@ def effective_rank(delta, rel_tol: float = REL_TOL) -> tuple[int, float]:
     return int((s > rel_tol * s[0]).sum()), float(np.exp(-(p * np.log(p)).sum()))
 
 
-def module_type(path: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (the name shared across layers)."""
-    m = _LAYER.search(path)
-    return path[m.end():] if m else path
-
-
 def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
     """Per adapted module: its shape, the cap min(d_out, d_in), and both effective ranks."""
     deltas = adapter_deltas(model)
@@ -64,7 +55,7 @@ def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
     for path, delta in deltas.items():
         delta = np.array(delta.astype(mx.float32))
         rank, entropy = effective_rank(delta, rel_tol)
-        modules[path] = {"type": module_type(path), "shape": list(delta.shape),
+        modules[path] = {"type": layer_relative(path), "shape": list(delta.shape),
                          "max_rank": min(delta.shape), "rank_1pct": rank, "entropy_rank": entropy}
     return {"rel_tol": rel_tol, "modules": modules, "summary": summarize(modules)}
 

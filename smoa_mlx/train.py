@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import signal
 import sys
 import threading
@@ -36,13 +35,14 @@ from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
-from .patch import DEFAULT_TARGETS, apply_smoa, smoa_layers, summarize, target_paths
+from .patch import (
+    DEFAULT_TARGETS, apply_smoa, layer_relative, smoa_layers, summarize, target_paths,
+)
 from .rank import format_rank_report, rank_report
 from .schedule import OPTIMIZERS, build_optimizer, cosine_schedule
 
 DEFAULT_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 METHODS = ("smoa", "hira", "lora")
-_IN_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 # SPEC §1 "Learning rate": SMoA's update is B A scaled entrywise by the small frozen
 # weights, so it wants ~5x LoRA's rate (the authors train SMoA at 1e-3).
 DEFAULT_LR = {"smoa": 1e-3, "hira": 1e-3, "lora": 2e-4}
@@ -443,7 +443,7 @@ def lora_parameters(paths, args) -> dict:
     mlx-lm names a decoder-layer module relative to its layer (`self_attn.q_proj`) and
     any other module by its full path.
     """
-    keys = sorted({(m := _IN_LAYER.search(p)) and p[m.end():] or p for p in paths})
+    keys = sorted({layer_relative(p) for p in paths})
     scale = args.alpha / args.rank
     return {"rank": args.rank, "scale": scale, "dropout": args.dropout, "keys": keys}
 
