@@ -55,7 +55,7 @@ def differing(plan, blocks) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per variant.")
+    parser.add_argument("--repeats", type=int, default=2, help="Timed repeats per variant.")
     args = parser.parse_args(argv)
     banner()
     mx.random.seed(0)

@@ -71,15 +71,19 @@ def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtyp
 def _blocked_update(x, a_list, b_list, anchors, rows, cols, row_slot, col_slot, scale):
     """`x ΔW^T` block by block (rows, cols: per-block original indices; *_slot: inverses).
 
-    `anchors()` returns the K anchors (gathered from the base weight, or stored); the
-    backward pass recomputes them and W_k rather than keeping them from the forward.
+    `anchors(after)` returns the K anchors (stored, or gathered from the base weight after
+    the array `after`; None: now). The backward pass recomputes the anchors and W_k from
+    inputs tied to the cotangent with `mx.depends`; otherwise `mx.compile` merges the
+    recomputation with the forward's (or schedules it early) and every layer's anchors
+    and W_k stay alive from the forward to the backward pass (measured: 136 MiB more
+    than LoRA on an 8-layer stack of 2048² layers, 40 MiB with the ties).
     """
 
     @mx.custom_function
     def update(x, a_list, b_list):
         z = [
             _gather(x, c) @ _block_weight(a, b, m, scale, x.dtype).T
-            for a, b, m, c in zip(a_list, b_list, anchors(), cols)
+            for a, b, m, c in zip(a_list, b_list, anchors(None), cols)
         ]
         return _join(z, row_slot)
 
@@ -88,10 +92,12 @@ def _blocked_update(x, a_list, b_list, anchors, rows, cols, row_slot, col_slot, 
         x, a_list, b_list = primals
         g = cotangent.reshape(-1, cotangent.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        later = mx.depends(list(a_list) + list(b_list), [cotangent])
+        blocks = zip(a_list, b_list, later[: len(a_list)], later[len(a_list) :], anchors(cotangent), rows, cols)
         dx, da, db = [], [], []
-        for a, b, m, r, c in zip(a_list, b_list, anchors(), rows, cols):
+        for a, b, a_late, b_late, m, r, c in blocks:
             g_k = _gather(g, r)
-            dx.append(g_k @ _block_weight(a, b, m, scale, x.dtype))
+            dx.append(g_k @ _block_weight(a_late, b_late, m, scale, x.dtype))
             # dW_k = g_k^T x_k; the anchor turns it into d(B A), scale goes on the small ends.
             d_ba = (g_k.T @ _gather(x2, c)).astype(a.dtype) * m
             da.append(scale * (b.T @ d_ba))
@@ -190,18 +196,25 @@ class SMoALinear(nn.Module):
             mx.eval(anchors)
             self._anchors = anchors
 
-    def _anchor_blocks(self) -> list[mx.array]:
-        """M_k = W0[rows_k][:, cols_k] in the base weight's dtype: stored, or gathered now."""
+    def _anchor_blocks(self, after=None) -> list[mx.array]:
+        """M_k = W0[rows_k][:, cols_k] in the base weight's dtype: stored, or gathered now
+        (after the array `after`, if given: see `_blocked_update`)."""
         if self._anchors is not None:
             return self._anchors
-        return [_gather(base_weight(self.linear, r), c) for r, c in zip(self._rows, self._cols)]
+        rows = self._rows if after is None else mx.depends(list(self._rows), [after])
+        return [_gather(base_weight(self.linear, r), c) for r, c in zip(rows, self._cols)]
 
-    def _base_anchor(self) -> list[mx.array]:
-        """K = 1: the whole base weight (de-quantized now if quantized)."""
-        return [base_weight(self.linear)]
+    def _base_anchor(self, after=None) -> list[mx.array]:
+        """K = 1: the whole base weight (de-quantized now, or after `after`, if quantized)."""
+        if not isinstance(self.linear, nn.QuantizedLinear):
+            return [self.linear.weight]
+        if after is None:
+            return [base_weight(self.linear)]
+        rows = mx.depends([mx.arange(self.shape[0], dtype=mx.uint32)], [after])[0]
+        return [base_weight(self.linear, rows)]
 
     def _operands(self):
-        """(A list, B list, anchors(), rows, cols, row_slot, col_slot) for the update.
+        """(A list, B list, anchors(after), rows, cols, row_slot, col_slot) for the update.
 
         K = 1 works in the base weight's own coordinates: A's columns and B's rows are
         permuted instead of the input, the output and a copy of the weight.
@@ -232,7 +245,7 @@ class SMoALinear(nn.Module):
             x = self.dropout(x)
         a, b, anchors, rows, cols, row_slot, col_slot = self._operands()
         if x.size // x.shape[-1] * max(self.branch_ranks) <= FACTORED_MAX_ROWS:
-            z = _factored_update(x, a, b, anchors(), cols, row_slot, self.scale)
+            z = _factored_update(x, a, b, anchors(None), cols, row_slot, self.scale)
         else:
             z = _blocked_update(x, a, b, anchors, rows, cols, row_slot, col_slot, self.scale)
         return y + z.astype(y.dtype)
