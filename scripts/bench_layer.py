@@ -4,9 +4,11 @@
   python scripts/bench_layer.py
 
 float32, gradients w.r.t. the adapter parameters and the input (the frozen base:
-input only), plain and `mx.compile`d, medians of interleaved repeats. The FLOP
-column counts the matmuls: base 2·N·d_in·d_out per pass, SMoA adds 3 passes of
-1/K of that (forward, input gradient, weight gradient); see docs/PERFORMANCE.md.
+input only), plain and `mx.compile`d, medians of interleaved repeats; `--bits 4`
+puts every variant on a 4-bit quantized base (QLoRA). The FLOP column counts the
+matmuls: base 2·N·d_in·d_out per pass (forward, input gradient), SMoA adds the
+per-block weight gradient, 1/K of one pass, and builds W0 + ΔW (2·R·d_in·d_out per
+pass); see docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def matmul_flops(n: int, d: int, k: int | None, rank: int) -> float:
         return base / 1e9
     if k == 0:  # LoRA: x A^T, (xA^T) B^T and their backward
         return (base + 3 * 2 * 2 * n * d * rank) / 1e9
-    return (base + 3 * 2 * n * d * d / k) / 1e9
+    return (base + 2 * n * d * d / k + 2 * 2 * rank * d * d) / 1e9
 
 
 def main(argv=None) -> None:
@@ -39,12 +41,15 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs=2, default=[4, 256], help="Batch and length.")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--num-blocks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the base (group size 64).")
     args = parser.parse_args(argv)
     banner()
     d, n = args.dim, args.tokens[0] * args.tokens[1]
     mx.random.seed(0)
     base = nn.Linear(d, d, bias=False)
     base.weight = mx.random.normal((d, d)) / d**0.5
+    if args.bits:
+        base = nn.QuantizedLinear.from_linear(base, 64, args.bits)
     base.freeze()
     x = mx.random.normal((*args.tokens, d))
     g = mx.random.normal((*args.tokens, d))
@@ -79,7 +84,8 @@ def main(argv=None) -> None:
 
         f = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
         variants[f"{name}, compiled"] = lambda f=f, p=m.trainable_parameters(): f(p, x)
-    print(f"forward+backward, {d}x{d} layer, x {(*args.tokens, d)} float32, r={args.rank}, "
+    quantized = f", {args.bits}-bit base" if args.bits else ""
+    print(f"forward+backward, {d}x{d} layer{quantized}, x {(*args.tokens, d)} float32, r={args.rank}, "
           f"median of {args.repeats} interleaved repeats")
     times = {name: median(t) for name, t in time_interleaved(variants, args.repeats).items()}
     rows = []

@@ -31,7 +31,7 @@ from mlx_lm.utils import load
 
 from benchlib import STORIES, banner, llama_1b_shaped, load as load_avg, median, table, time_interleaved
 from smoa_mlx.patch import DEFAULT_TARGETS, apply_smoa
-from smoa_mlx.train import loss_fn, make_step
+from smoa_mlx.train import make_step
 
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
 VARIANTS = ["frozen base (floor)", "LoRA r=8", "SMoA r=8 K=2", "SMoA r=8 K=4", "HiRA r=8 (K=1)"]

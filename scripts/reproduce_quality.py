@@ -17,7 +17,7 @@ choices, trainable parameters, and the effective rank of ΔW (smoa_mlx.rank).
 the same runs as in the full sweep, so its numbers must equal those rows of
 docs/RESULTS.md; it checks that against the record embedded there.
 
-matplotlib is needed for the plot (a script-only dependency): `pip install matplotlib`.
+matplotlib is needed for the plot (a script-only dependency): `pip install -e ".[scripts]"`.
 """
 
 from __future__ import annotations

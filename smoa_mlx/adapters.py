@@ -63,7 +63,7 @@ def smoa_config(model: nn.Module, base_model: str | None = None, **extra) -> dic
         "num_blocks": first.num_blocks,
         "branch_ranks": first.branch_ranks,
         "alpha": first.alpha,
-        "dropout": round(1.0 - first.dropout._p_1, 12) if first.dropout is not None else 0.0,
+        "dropout": first.dropout_p,
     }
     return {
         **extra,

@@ -1,18 +1,23 @@
 """SMoALinear: a frozen linear layer plus K spectrally aligned modulation blocks.
 
-Training never builds the dense (d_out, d_in) update (SPEC §1 "efficient
-evaluation"): each block gathers its input columns, multiplies by its own
-`W_k = scale * (B_k A_k) ⊙ M_k` of shape (out_k, in_k), and one gather with the
-inverse row order puts the outputs back. Blocks are kept as K separate arrays, so
-unequal sizes need no padding. A custom VJP recomputes W_k in the backward pass
-instead of keeping it alive from the forward, and returns the input gradient with
-a gather instead of the scatter-add MLX would derive.
+In the weight's own coordinates SMoA is HiRA with block-diagonal factors: with
+`B_o` (d_out, R) and `A_o` (R, d_in) holding B_k and A_k on block k's rows and
+columns (R = sum of the block ranks), `ΔW = scale * W0 ⊙ (B_o A_o)`, exactly zero
+off the blocks (SPEC §1). Each call picks the cheapest of three exact evaluations
+(docs/PERFORMANCE.md has the FLOP counts and measurements):
 
-Anchors M_k are gathered from the base weight on every call in training mode
-(nothing stored beyond what LoRA keeps) and stored while a float layer is in eval
-mode (decoding then reads each anchor once per token). With K = 1 the anchor is
-the base weight itself: A and B are permuted into its coordinates instead.
-docs/PERFORMANCE.md has the measurements behind each choice.
+- folded, for few input rows (decoding): `ΔW x = scale * sum_r B_o[:, r] ⊙ W0 (A_o[r] ⊙ x)`,
+  so one matmul of W0 (quantized or not) with 1 + R rows gives base and update in one
+  read of the weight;
+- merged, for many rows (training, prefill): one matmul with `W0 + ΔW`, formed on the
+  fly; a custom VJP takes dA, dB from the per-block `dW_k = g_k^T x_k` (1/K of a dense
+  matmul) instead of the dense `g^T x` autodiff would form, and rebuilds `W0 + ΔW` in
+  the backward pass rather than keeping it alive;
+- blocked, when dropout is active (the update sees another input than the base):
+  per-block matmuls with `W_k = scale * (B_k A_k) ⊙ M_k`, M_k the block of W0.
+
+Nothing beyond A and B is stored: W0 + ΔW and the anchors M_k are rebuilt from the
+(frozen, possibly quantized) base weight when needed.
 """
 
 from __future__ import annotations
@@ -28,25 +33,36 @@ from .plan import split_rank, split_sizes
 # `make_plan`'s plan through the on-disk score cache: identical result, instant the second time.
 from .plan_cache import cached_plan as make_plan
 
-# Inputs of at most this many rows times the largest block rank (decoding) use the
-# factored form `sum_r B[:, r] ⊙ ((x ⊙ A[r]) M^T)`: it reads each anchor once instead of
-# materialising W_k on every call (measured in docs/PERFORMANCE.md). The choice depends
-# on the shape alone, so a layer gives bitwise the same output in train and eval mode.
-FACTORED_MAX_ROWS = 64
+# Inputs with at most this many rows times (1 + R) take the folded path: its matmul
+# has 1 + R rows per input row, so it only wins while reading W0 dominates (decoding).
+FOLDED_MAX_ROWS = 64
 
 
-def base_weight(base: nn.Module, rows=None) -> mx.array:
+def base_weight(base: nn.Module, after=None) -> mx.array:
     """The float weight of a Linear or the de-quantized weight of a QuantizedLinear
-    (only the given `rows`, if any: a quantized row de-quantizes on its own)."""
+    (computed only after the array `after` is, if given: see `_merged_matmul`)."""
     if isinstance(base, nn.QuantizedLinear):
-        pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
-        return mx.dequantize(
-            pick(base.weight), pick(base.scales), pick(base.get("biases")),
-            group_size=base.group_size, bits=base.bits, mode=base.mode,
-        )
+        parts = [base.weight, base.scales] + ([base.biases] if "biases" in base else [])
+        if after is not None:
+            parts = mx.depends(parts, [after])
+        return mx.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None,
+                             group_size=base.group_size, bits=base.bits, mode=base.mode)
     if isinstance(base, nn.Linear):
-        return base.weight if rows is None else base.weight[rows]
+        return base.weight if after is None else mx.depends([base.weight], [after])[0]
     raise TypeError(f"SMoA adapts nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
+
+
+def _apply_weight(base: nn.Module, x: mx.array) -> mx.array:
+    """`x W0^T` without the bias; a quantized base multiplies without de-quantizing."""
+    if isinstance(base, nn.QuantizedLinear):
+        return mx.quantized_matmul(x, base.weight, scales=base.scales, biases=base.get("biases"),
+                                   transpose=True, group_size=base.group_size, bits=base.bits,
+                                   mode=base.mode)
+    return x @ base.weight.T
+
+
+def _add_bias(base: nn.Module, y: mx.array) -> mx.array:
+    return y + base.bias if "bias" in base else y
 
 
 def _gather(x: mx.array, index) -> mx.array:
@@ -57,9 +73,35 @@ def _gather(x: mx.array, index) -> mx.array:
     return mx.take_along_axis(x, index.reshape((1,) * (x.ndim - 1) + (-1,)), axis=-1)
 
 
+def _gather_rows(w: mx.array, index) -> mx.array:
+    return w if index is None else mx.take(w, index, axis=0)
+
+
 def _join(parts: list[mx.array], slot) -> mx.array:
     """Concatenate per-block outputs (block order) and gather them back to original order."""
     return _gather(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1), slot)
+
+
+def _block_diagonal(parts: list[mx.array]) -> mx.array:
+    """The 2-D block-diagonal matrix of `parts`, zeros elsewhere."""
+    if len(parts) == 1:
+        return parts[0]
+    width = sum(p.shape[1] for p in parts)
+    offsets = np.cumsum([0] + [p.shape[1] for p in parts])
+    return mx.concatenate(
+        [mx.pad(p, [(0, 0), (int(o), width - int(o) - p.shape[1])]) for p, o in zip(parts, offsets)]
+    )
+
+
+def _embedded(a_list, b_list, row_slot, col_slot) -> tuple[mx.array, mx.array]:
+    """(A_o, B_o): the block factors placed on their blocks in the weight's coordinates."""
+    return _gather(_block_diagonal(a_list), col_slot), _gather_rows(_block_diagonal(b_list), row_slot)
+
+
+def _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, dtype) -> mx.array:
+    """`W0 + ΔW = W0 + W0 ⊙ (scale * B_o A_o)`, in `dtype`."""
+    a_o, b_o = _embedded(a_list, b_list, row_slot, col_slot)
+    return (w0 + w0 * ((scale * b_o) @ a_o)).astype(dtype)
 
 
 def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype=None) -> mx.array:
@@ -68,53 +110,83 @@ def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtyp
     return w if dtype is None else w.astype(dtype)
 
 
-def _blocked_update(x, a_list, b_list, anchors, rows, cols, row_slot, col_slot, scale):
-    """`x ΔW^T` block by block (rows, cols: per-block original indices; *_slot: inverses).
+def _anchors(w0: mx.array, rows, cols) -> list[mx.array]:
+    """M_k = W0[rows_k][:, cols_k] (K = 1: rows, cols = [None]: W0 itself)."""
+    return [_gather(_gather_rows(w0, r), c) for r, c in zip(rows, cols)]
 
-    `anchors(after)` returns the K anchors (stored, or gathered from the base weight after
-    the array `after`; None: now). The backward pass recomputes the anchors and W_k from
-    inputs tied to the cotangent with `mx.depends`; otherwise `mx.compile` merges the
-    recomputation with the forward's (or schedules it early) and every layer's anchors
-    and W_k stay alive from the forward to the backward pass (measured: 136 MiB more
-    than LoRA on an 8-layer stack of 2048² layers, 40 MiB with the ties).
-    """
+
+def _factor_grads(g, x, a_list, b_list, anchors, rows, cols, scale):
+    """dA_k, dB_k from the per-block `dW_k = g_k^T x_k` (g, x: 2-D); the anchor turns
+    it into d(B A), and the scale goes on the small ends."""
+    da, db = [], []
+    for a, b, m, r, c in zip(a_list, b_list, anchors, rows, cols):
+        d_ba = (_gather(g, r).T @ _gather(x, c)).astype(a.dtype) * m
+        da.append(scale * (b.T @ d_ba))
+        db.append(scale * (d_ba @ a.T))
+    return da, db
+
+
+def _tied(arrays: list[mx.array], after: mx.array) -> list[mx.array]:
+    """`arrays`, computed only after `after`: without this tie `mx.compile` merges the
+    backward's recomputation with the forward's (or schedules it early), and every
+    layer's rebuilt weights stay alive from the forward to the backward pass."""
+    return mx.depends(list(arrays), [after])
+
+
+def _folded(base, x, a_o, b_o, scale) -> mx.array:
+    """Base output plus update from one matmul of W0 with `[x, A_o[r] ⊙ x for r]`."""
+    rows = mx.concatenate([x[..., None, :], x[..., None, :] * a_o.astype(x.dtype)], axis=-2)
+    y = _apply_weight(base, rows)
+    update = (y[..., 1:, :] * (scale * b_o.T).astype(y.dtype)).sum(axis=-2)
+    return _add_bias(base, y[..., 0, :] + update)
+
+
+def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scale):
+    """`x (W0 + ΔW)^T` (no bias) with the custom VJP described in the module docstring."""
+    k = len(a_list)
+
+    @mx.custom_function
+    def merged(x, a_list, b_list):
+        w = _merged_weight(base_weight(base), a_list, b_list, row_slot, col_slot, scale, x.dtype)
+        return x @ w.T
+
+    @merged.vjp
+    def merged_vjp(primals, cotangent, output):
+        x, a_list, b_list = primals
+        w0 = base_weight(base, after=cotangent)
+        late = _tied(list(a_list) + list(b_list), cotangent)
+        w = _merged_weight(w0, late[:k], late[k:], row_slot, col_slot, scale, x.dtype)
+        g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
+        da, db = _factor_grads(g2, x2, a_list, b_list, _anchors(w0, rows, cols), rows, cols, scale)
+        return cotangent @ w, da, db
+
+    return merged(x, a_list, b_list)
+
+
+def _blocked_update(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scale):
+    """`x ΔW^T` block by block, with a custom VJP that recomputes W_k in the backward pass
+    and returns the input gradient with a gather instead of MLX's scatter-add."""
 
     @mx.custom_function
     def update(x, a_list, b_list):
-        z = [
-            _gather(x, c) @ _block_weight(a, b, m, scale, x.dtype).T
-            for a, b, m, c in zip(a_list, b_list, anchors(None), cols)
-        ]
+        anchors = _anchors(base_weight(base), rows, cols)
+        z = [_gather(x, c) @ _block_weight(a, b, m, scale, x.dtype).T
+             for a, b, m, c in zip(a_list, b_list, anchors, cols)]
         return _join(z, row_slot)
 
     @update.vjp
     def update_vjp(primals, cotangent, output):
         x, a_list, b_list = primals
-        g = cotangent.reshape(-1, cotangent.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        later = mx.depends(list(a_list) + list(b_list), [cotangent])
-        blocks = zip(a_list, b_list, later[: len(a_list)], later[len(a_list) :], anchors(cotangent), rows, cols)
-        dx, da, db = [], [], []
-        for a, b, a_late, b_late, m, r, c in blocks:
-            g_k = _gather(g, r)
-            dx.append(g_k @ _block_weight(a_late, b_late, m, scale, x.dtype))
-            # dW_k = g_k^T x_k; the anchor turns it into d(B A), scale goes on the small ends.
-            d_ba = (g_k.T @ _gather(x2, c)).astype(a.dtype) * m
-            da.append(scale * (b.T @ d_ba))
-            db.append(scale * (d_ba @ a.T))
+        k = len(a_list)
+        anchors = _anchors(base_weight(base, after=cotangent), rows, cols)
+        late = _tied(list(a_list) + list(b_list), cotangent)
+        g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = [_gather(g2, r) @ _block_weight(a, b, m, scale, x.dtype)
+              for a, b, m, r in zip(late[:k], late[k:], anchors, rows)]
+        da, db = _factor_grads(g2, x2, a_list, b_list, anchors, rows, cols, scale)
         return _join(dx, col_slot).reshape(x.shape), da, db
 
     return update(x, a_list, b_list)
-
-
-def _factored_update(x, a_list, b_list, anchors, cols, row_slot, scale):
-    """`x ΔW^T` as `sum_r B[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`: one read of each anchor."""
-    z = []
-    for a, b, m, c in zip(a_list, b_list, anchors, cols):
-        xa = _gather(x, c)[..., None, :] * a.astype(x.dtype)  # (..., r_k, in_k)
-        t = xa @ m.astype(x.dtype).T  # (..., r_k, out_k)
-        z.append((t * (scale * b.T).astype(x.dtype)).sum(axis=-2))
-    return _join(z, row_slot)
 
 
 class SMoALinear(nn.Module):
@@ -152,6 +224,7 @@ class SMoALinear(nn.Module):
         self.rank, self.num_blocks, self.alpha = int(rank), int(num_blocks), float(alpha)
         self.branch_ranks = split_rank(self.rank, self.num_blocks, branch_ranks)
         self.scale = self.alpha / self.rank
+        self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
         self.row_order = mx.array(row_order.astype(np.int32))
         self.col_order = mx.array(col_order.astype(np.int32))
@@ -163,7 +236,6 @@ class SMoALinear(nn.Module):
         self._cols = [mx.array(c.astype(np.uint32)) for c in np.array_split(col_order, num_blocks)]
         self._row_slot = mx.array(np.argsort(row_order).astype(np.uint32))
         self._col_slot = mx.array(np.argsort(col_order).astype(np.uint32))
-        self._anchors = None  # stored only in eval mode, see `_training`
 
         self.smoa_a = [
             mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (r, i))
@@ -177,91 +249,51 @@ class SMoALinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (sum(self.out_sizes), sum(self.in_sizes))
 
-    @property
-    def _training(self) -> bool:
-        return self.__dict__.get("_is_training", True)
-
-    @_training.setter
-    def _training(self, mode: bool) -> None:
-        """`Module.train()` / `.eval()` set this on every submodule. In eval mode a float
-        layer with K > 1 stores its anchors (decoding reads them once per token); in
-        training mode they are dropped and gathered from the base weight on each call
-        (about 1% of a step, and 1/K of the adapted weight less memory)."""
-        object.__setattr__(self, "_is_training", mode)
-        if "_rows" not in self:  # still in nn.Module.__init__
-            return
-        self._anchors = None
-        if not mode and self.num_blocks > 1 and not isinstance(self.linear, nn.QuantizedLinear):
-            anchors = self._anchor_blocks()
-            mx.eval(anchors)
-            self._anchors = anchors
-
-    def _anchor_blocks(self, after=None) -> list[mx.array]:
-        """M_k = W0[rows_k][:, cols_k] in the base weight's dtype: stored, or gathered now
-        (after the array `after`, if given: see `_blocked_update`)."""
-        if self._anchors is not None:
-            return self._anchors
-        rows = self._rows if after is None else mx.depends(list(self._rows), [after])
-        return [_gather(base_weight(self.linear, r), c) for r, c in zip(rows, self._cols)]
-
-    def _base_anchor(self, after=None) -> list[mx.array]:
-        """K = 1: the whole base weight (de-quantized now, or after `after`, if quantized)."""
-        if not isinstance(self.linear, nn.QuantizedLinear):
-            return [self.linear.weight]
-        if after is None:
-            return [base_weight(self.linear)]
-        rows = mx.depends([mx.arange(self.shape[0], dtype=mx.uint32)], [after])[0]
-        return [base_weight(self.linear, rows)]
-
-    def _operands(self):
-        """(A list, B list, anchors(after), rows, cols, row_slot, col_slot) for the update.
+    def _factors(self):
+        """(A list, B list, rows, cols, row_slot, col_slot) for the evaluations above.
 
         K = 1 works in the base weight's own coordinates: A's columns and B's rows are
-        permuted instead of the input, the output and a copy of the weight.
+        permuted instead of the input, the output and the weight.
         """
         if self.num_blocks == 1:
             a = [_gather(self.smoa_a[0], self._col_slot)]
-            b = [mx.take(self.smoa_b[0], self._row_slot, axis=0)]
-            return a, b, self._base_anchor, [None], [None], None, None
-        return (self.smoa_a, self.smoa_b, self._anchor_blocks, self._rows, self._cols,
-                self._row_slot, self._col_slot)
+            b = [_gather_rows(self.smoa_b[0], self._row_slot)]
+            return a, b, [None], [None], None, None
+        return self.smoa_a, self.smoa_b, self._rows, self._cols, self._row_slot, self._col_slot
 
-    def _weights(self) -> list[mx.array]:
-        return [
-            _block_weight(a, b, m, self.scale)
-            for a, b, m in zip(self.smoa_a, self.smoa_b, self._anchor_blocks())
-        ]
-
-    def block_weights(self) -> mx.array:
-        """`scale * (B_k A_k) ⊙ M_k` for all k, stacked and zero-padded: (K, out_max, in_max)."""
-        out_max, in_max = max(self.out_sizes), max(self.in_sizes)
-        return mx.stack(
-            [mx.pad(w, [(0, out_max - w.shape[0]), (0, in_max - w.shape[1])]) for w in self._weights()]
-        )
+    def _path(self, x: mx.array) -> str:
+        """Which evaluation serves `x`: it depends on the shape and dropout alone, so a
+        layer without dropout gives bitwise the same output in train and eval mode."""
+        if self.dropout is not None and self.training:
+            return "blocked"
+        if x.size // x.shape[-1] * (1 + sum(self.branch_ranks)) <= FOLDED_MAX_ROWS:
+            return "folded"
+        return "merged"
 
     def __call__(self, x: mx.array) -> mx.array:
+        a, b, rows, cols, row_slot, col_slot = self._factors()
+        path = self._path(x)
+        if path == "folded":
+            return _folded(self.linear, x, *_embedded(a, b, row_slot, col_slot), self.scale)
+        if path == "merged":
+            y = _merged_matmul(self.linear, x, a, b, rows, cols, row_slot, col_slot, self.scale)
+            return _add_bias(self.linear, y)
+        x_in = x if self.dropout is None else self.dropout(x)
+        z = _blocked_update(self.linear, x_in, a, b, rows, cols, row_slot, col_slot, self.scale)
         y = self.linear(x)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        a, b, anchors, rows, cols, row_slot, col_slot = self._operands()
-        if x.size // x.shape[-1] * max(self.branch_ranks) <= FACTORED_MAX_ROWS:
-            z = _factored_update(x, a, b, anchors(None), cols, row_slot, self.scale)
-        else:
-            z = _blocked_update(x, a, b, anchors, rows, cols, row_slot, col_slot, self.scale)
         return y + z.astype(y.dtype)
+
+    def block_weights(self) -> list[mx.array]:
+        """`scale * (B_k A_k) ⊙ M_k` of each block, (out_k, in_k), in block coordinates."""
+        anchors = _anchors(base_weight(self.linear), self._rows, self._cols)
+        return [_block_weight(a, b, m, self.scale)
+                for a, b, m in zip(self.smoa_a, self.smoa_b, anchors)]
 
     def delta_weight(self) -> mx.array:
         """The dense scaled update in original coordinates, (d_out, d_in)."""
-        # Block-diagonal in block order, then rows and columns gathered back.
-        offsets = np.cumsum([0] + self.in_sizes)
-        d_in = int(offsets[-1])
-        diag = mx.concatenate(
-            [
-                mx.pad(w, [(0, 0), (int(offsets[k]), d_in - int(offsets[k + 1]))])
-                for k, w in enumerate(self._weights())
-            ]
-        )
-        return _gather(diag[self._row_slot], self._col_slot)
+        a, b, _, _, row_slot, col_slot = self._factors()
+        a_o, b_o = _embedded(a, b, row_slot, col_slot)
+        return base_weight(self.linear) * ((self.scale * b_o) @ a_o)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain layer with `W0 + ΔW`; re-quantized like the base unless `dequantize`."""

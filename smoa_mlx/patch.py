@@ -99,6 +99,7 @@ def apply_smoa(
             modules[p], rank=rank, num_blocks=num_blocks, alpha=alpha, dropout=dropout,
             branch_ranks=branch_ranks, orders=None if orders is None else orders[p],
         )
+        layer.train(modules[p].training)  # an eval-mode model must not get active dropout
         patched.append((p, layer))
     model.update_modules(tree_unflatten(patched))
     return summarize(model)

@@ -36,9 +36,18 @@ def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
     return {p: delta_weight(found[p]) for p in sorted(found, key=natural_key)}
 
 
+def singular_values(delta) -> np.ndarray:
+    """Singular values of `delta` (float64, descending), as the square roots of the
+    eigenvalues of the smaller Gram matrix: ~5x faster than an SVD on a 2048x8192
+    weight, exact to ~sqrt(eps) * the largest, far below the 1% cut."""
+    d = np.asarray(delta, dtype=np.float64)
+    gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram), 0.0))[::-1]
+
+
 def effective_rank(delta, rel_tol: float = REL_TOL) -> tuple[int, float]:
     """(singular values above `rel_tol` * the largest, exp of the singular-value entropy)."""
-    s = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
+    s = singular_values(delta)
     if s.size == 0 or s[0] <= 0:
         return 0, 0.0
     p = s / s.sum()

@@ -353,16 +353,14 @@ def estimate_memory(model: nn.Module, trainable: int, args, seq: int, batch: int
     """A rough peak-memory estimate in bytes: weights, adapter training state, activations
     (of `batch` examples; default --batch-size).
 
-    SMoA layers also hold their anchor blocks (1/K of each adapted weight) and, during a
-    step, the dense block products and their gradients: three anchor-sized buffers.
+    SMoA layers rebuild `W0 + ΔW` (and their anchors in the backward pass) one layer at
+    a time: a few float32 buffers the size of the largest adapted weight.
     """
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     size = _float_dtype(model).size
     # parameter + gradient + 2 Adam moments (+ the gradient accumulator)
     adapter = trainable * DTYPES[args.dtype].size * (4 + (args.grad_accumulation_steps > 1))
-    adapter += 3 * size * sum(
-        m.num_blocks * max(m.out_sizes) * max(m.in_sizes) for m in smoa_layers(model).values()
-    )
+    adapter += 3 * 4 * max((math.prod(m.shape) for m in smoa_layers(model).values()), default=0)
     cfg, batch, act = getattr(model, "args", None), batch or args.batch_size, 0
     if cfg is not None and hasattr(cfg, "hidden_size"):
         h, n = cfg.hidden_size, cfg.num_hidden_layers
@@ -608,9 +606,11 @@ def _train(args, resume, dist: Distributed) -> dict:
     result = _Loop(model, optimizer, args, config, batchers, progress, dist).run()
     result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9,
                   world_size=dist.size)
-    # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank).
-    result["rank_report"] = rank_report(model)
-    print(format_rank_report(result["rank_report"]))
+    # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank). The
+    # ranks hold the same adapter, so only rank 0 spends the decompositions.
+    if dist.main:
+        result["rank_report"] = rank_report(model)
+        print(format_rank_report(result["rank_report"]))
     if args.test:
         model.eval()
         result["test_loss"] = evaluate(model, batchers["test"].eval_batches(args.test_batches),

@@ -15,6 +15,17 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def plan_cache_dir(tmp_path_factory):
+    """Point the plan cache (smoa_mlx/plan_cache.py) at a temporary directory for the whole
+    session, in os.environ so the CLIs that tests launch as subprocesses inherit it:
+    tests never write to ~/.cache nor read plans another run left there."""
+    path = tmp_path_factory.mktemp("plan_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMOA_MLX_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random float32 Llama (2 layers, hidden 64) with a byte-level BPE tokenizer."""

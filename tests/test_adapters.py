@@ -87,6 +87,18 @@ def test_round_trip_is_exact(model_dir, tmp_path, monkeypatch):
     assert not via_load.layers[0].self_attn.q_proj.training  # load() returns an eval model
 
 
+def test_dropout_is_saved_and_loaded_layers_evaluate_without_it(tiny_model_dir, tmp_path):
+    model = adapted(tiny_model_dir, dropout=0.3)  # in eval mode
+    config = smoa_config(model)
+    assert config["smoa_parameters"]["dropout"] == 0.3
+    save_adapter(model, tmp_path / "a", config)
+    fresh = load(tiny_model_dir)
+    load_adapter(fresh, tmp_path / "a")
+    layers = smoa_layers(fresh)
+    assert all(m.dropout_p == 0.3 and not m.training for m in layers.values())
+    assert mx.array_equal(fresh(TOKENS), model(TOKENS)).item()  # no dropout in eval mode
+
+
 def test_mismatched_base_is_refused(saved, tmp_path):
     _, out = saved
     other = load(make_llama(tmp_path / "other", seed=1))

@@ -23,6 +23,9 @@ from smoa_mlx.cli import run  # noqa: E402
 from smoa_mlx.convert import export_adapter, import_adapter  # noqa: E402
 from smoa_mlx.convert.__main__ import main  # noqa: E402
 from smoa_mlx.patch import smoa_layers  # noqa: E402
+import smoa_mlx.plan as plan_module  # noqa: E402
+import smoa_mlx.plan_cache as plan_cache  # noqa: E402
+from smoa_mlx.convert.smoa import ORDERS  # noqa: E402
 from smoa_mlx.plan import make_plan  # noqa: E402
 from smoa_mlx.synthetic import make_llama  # noqa: E402
 from smoa_mlx.torch import apply_adapter  # noqa: E402
@@ -169,6 +172,35 @@ def test_independent_authors_adapter_imports(base, tmp_path):
     assert differ == 0, "make_plan disagrees with the authors' float32 SVD on this base"
     assert_parity(base, "authors' layout import, logits vs independent torch reference",
                   mlx_logits(base, tmp_path / "mlx"), reference)
+
+
+def test_recomputed_orders_come_from_the_training_plan(tiny_model_dir, tmp_path, monkeypatch):
+    """Importing an adapter without orders scores no weight that training already planned,
+    and the cached plan is `make_plan`'s bit for bit (orders and reported gaps)."""
+    base = str(tiny_model_dir)
+    adapter = make_smoa(base, tmp_path / "mlx", num_blocks=3)  # plans through the cache, like training
+    export_adapter("smoa", base, adapter, tmp_path / "pt", measure_parity=False)
+    (tmp_path / "pt" / ORDERS).unlink()  # as the authors' files: the importer must recompute
+
+    def fail(*args, **kwargs):
+        raise AssertionError("scored a weight that training had already planned")
+
+    monkeypatch.setattr(plan_cache, "spectral_scores", fail)
+    monkeypatch.setattr(plan_module, "spectral_scores", fail)
+    report = import_adapter("smoa", base, tmp_path / "pt", tmp_path / "back", measure_parity=False)
+    monkeypatch.undo()
+
+    before, after = tensors(adapter / "adapters.safetensors"), tensors(tmp_path / "back" / "adapters.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert np.array_equal(before[key], after[key]), key
+    model, _ = load(base, adapter_path=str(tmp_path / "back"))
+    plans = {p: make_plan(np.array(m.linear.weight), 3) for p, m in smoa_layers(model).items()}
+    for p, m in smoa_layers(model).items():
+        assert np.array_equal(np.array(m.row_order), plans[p].row_order), p
+        assert np.array_equal(np.array(m.col_order), plans[p].col_order), p
+    assert report["boundary_gap"] == min(pl.boundary_gap for pl in plans.values())
+    assert report["order_gap"] == min(pl.order_gap for pl in plans.values())
 
 
 # ---------------------------------------------------------------- hira

@@ -113,6 +113,26 @@ def test_unknown_target_and_double_patching(tiny_model_dir):
         apply_smoa(model, rank=4)
 
 
+def test_patched_layers_inherit_the_training_mode(tiny_model_dir):
+    """An eval-mode model gets eval-mode SMoA layers (no dropout in evaluation); a model
+    in training mode gets training layers."""
+    model = load(tiny_model_dir)  # smoa_mlx.load returns an eval-mode model
+    apply_smoa(model, rank=4, dropout=0.5)
+    layers = smoa_layers(model)
+    assert layers and not any(m.training for m in layers.values())
+    mx.random.seed(0)
+    for layer in layers.values():  # nonzero B: dropout on the adapter input would show
+        layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    first = model(TOKENS)
+    assert mx.array_equal(model(TOKENS), first).item()
+    model.train()
+    assert not mx.allclose(model(TOKENS), first).item()  # dropout is active in training
+
+    training = load(tiny_model_dir).train()
+    apply_smoa(training, rank=4, dropout=0.5)
+    assert all(m.training for m in smoa_layers(training).values())
+
+
 def fuse_reference(model, make_fresh, rank, alpha, k):
     """A fresh model whose patched weights are W0 + ΔW, ΔW built in float64 NumPy."""
     fresh = make_fresh()

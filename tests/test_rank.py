@@ -114,6 +114,23 @@ def test_lora_rank_is_capped_by_r(r):
     assert 1 <= entropy <= r + 1e-4  # float32 round-off adds a trace
 
 
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40), (64, 64)])
+def test_effective_rank_matches_the_svd_near_the_cut(shape):
+    """The Gram-matrix eigenvalues give the SVD's ranks, tall or wide, with singular
+    values just above and just below 1% of the largest."""
+    rng = np.random.default_rng(sum(shape))
+    k = min(shape)
+    u = np.linalg.qr(rng.normal(size=(shape[0], k)))[0]
+    v = np.linalg.qr(rng.normal(size=(shape[1], k)))[0]
+    s = np.logspace(0, -5, k)
+    s[[5, 6, 7]] = 0.0102, 0.0098, 0.01005  # 2 of these 3 count
+    delta = (u * s) @ v.T
+    rank, entropy = effective_rank(delta)
+    want_rank, want_entropy = numpy_ranks(delta)
+    assert rank == want_rank == int(np.sum(s > 0.01))
+    assert entropy == pytest.approx(want_entropy, rel=1e-9)
+
+
 def test_untrained_adapters_have_rank_zero():
     model = Toy([Block(SMoALinear.from_base(_linear(32, 32, 0)), LoRALinear.from_base(_linear(32, 32, 1)))])
     report = rank_report(model)

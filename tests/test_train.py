@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 import smoa_mlx
 from smoa_mlx import checkpoint, files
 from smoa_mlx.data import Batcher, load_data
+from smoa_mlx.distributed import Distributed
 from smoa_mlx.patch import apply_smoa
 from smoa_mlx.train import build_parser, evaluate, load_model, loss_fn, main, make_step, train
 
@@ -99,6 +100,18 @@ def test_tiny_smoa_learns_saves_and_reloads(tiny_model_dir, arith, tmp_path, cap
     # --test alone (train=False) evaluates the saved adapter on the test split.
     alone = train({**opts(tiny_model_dir, arith, out), "train": False, "test": True})
     assert alone["test_loss"] == pytest.approx(r["test_loss"], abs=1e-5)
+
+
+def test_only_rank_0_measures_the_effective_rank(tiny_model_dir, arith, tmp_path, monkeypatch, capsys):
+    """Every rank holds the same adapter: the others skip the decompositions and print nothing."""
+    def fail(model):
+        raise AssertionError("a rank other than 0 measured the effective rank")
+
+    monkeypatch.setattr(smoa_mlx.train, "rank_report", fail)
+    monkeypatch.setattr(Distributed, "main", property(lambda self: False))
+    r = train(opts(tiny_model_dir, arith, tmp_path / "run", iters=2))
+    assert r["steps"] == 2 and "rank_report" not in r
+    assert capsys.readouterr().out == ""
 
 
 def test_stories260k_learns_wikisql(stories_dir, datasets_dir, tmp_path):

@@ -19,7 +19,8 @@ import numpy as np
 from ..adapters import save_adapter, smoa_config
 from ..layer import base_weight
 from ..patch import apply_smoa, smoa_layers
-from ..plan import make_plan, split_rank, split_sizes
+from ..plan import split_rank, split_sizes
+from ..plan_cache import cached_plan
 from .names import linear_shapes, peft_key, select_targets, target_modules
 from .peft_io import PeftDir, check_tensors, read_tensors, refuse_options, write_peft_dir
 
@@ -96,12 +97,13 @@ def _read_orders(path, paths, shapes) -> dict:
 
 
 def plan_orders(weights: dict[str, np.ndarray], num_blocks: int) -> tuple[dict, dict]:
-    """`make_plan` of each float32 base weight: the orders, the smallest gaps with their module,
-    and the modules with a gap under the float32 precision of the authors' scores (`at_risk`)."""
+    """`make_plan` of each float32 base weight (through the plan cache): the orders, the
+    smallest gaps with their module, and the modules with a gap under the float32
+    precision of the authors' scores (`at_risk`)."""
     orders = {}
     gaps = {"boundary_gap": (np.inf, None), "order_gap": (np.inf, None), "at_risk": []}
     for path, w in weights.items():
-        plan = make_plan(w, num_blocks)
+        plan = cached_plan(w, num_blocks)  # `make_plan`'s, instant if training planned it
         orders[path] = (plan.row_order, plan.col_order)
         for name in ("boundary_gap", "order_gap"):
             if getattr(plan, name) < gaps[name][0]:
