@@ -7,10 +7,10 @@ Greedy decoding with mlx-lm's `generate_step` (KV cache, no early stop at EOS) o
 fixed number of tokens after a short prompt, on the generated Llama-3.2-1B-shaped
 float32 model and on stories260K-hf. The adapter is SMoA r=8 K=2 on q,k,v,up,down
 with nonzero B; "unfused" is the model as `smoa_mlx.load(..., adapter_path=...)`
-returns it (eval mode: anchors stored), "unfused, training mode" gathers the anchors
-from the base weight on every call instead, "fused" merges W0 + ΔW into plain
-layers (`smoa_mlx.fuse.fuse_layers`). Decode tokens/s excludes the prompt; medians
-of interleaved repeats. The last line is the SUMMARY on the 1B-shaped model.
+returns it, "fused" merges W0 + ΔW into plain layers (`smoa_mlx.fuse.fuse_layers`).
+`--bits 4` quantizes the base first (group size 64; fused layers are re-quantized).
+Decode tokens/s excludes the prompt; medians of interleaved repeats. The last line
+is the SUMMARY on the 1B-shaped model.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load
 
@@ -27,11 +28,13 @@ from benchlib import STORIES, banner, llama_1b_shaped, load as load_avg, median,
 from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.patch import apply_smoa, smoa_layers
 
-VARIANTS = ["base", "unfused SMoA", "unfused SMoA, training mode", "fused SMoA"]
+VARIANTS = ["base", "unfused SMoA", "fused SMoA"]
 
 
-def build(path: Path, variant: str):
+def build(path: Path, variant: str, bits: int | None):
     model, tokenizer = load(str(path))
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
     if variant != "base":
         apply_smoa(model, rank=8, num_blocks=2, alpha=8.0)
         mx.random.seed(1)
@@ -39,7 +42,7 @@ def build(path: Path, variant: str):
             layer.smoa_b = [0.01 * mx.random.normal(b.shape) for b in layer.smoa_b]
         if variant.startswith("fused"):
             fuse_layers(model)
-    model.train() if variant.endswith("training mode") else model.eval()
+    model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
 
@@ -53,9 +56,9 @@ def decode_tps(model, prompt: mx.array, tokens: int) -> float:
     return n / (time.perf_counter() - tic)
 
 
-def bench_model(name: str, path: Path, tokens: int, repeats: int) -> dict:
-    print(f"== {name}: {path}")
-    models = {v: build(path, v) for v in VARIANTS}
+def bench_model(name: str, path: Path, tokens: int, repeats: int, bits: int | None) -> dict:
+    print(f"== {name}: {path}" + (f", quantized to {bits} bits" if bits else ""))
+    models = {v: build(path, v, bits) for v in VARIANTS}
     prompt = mx.array(models["base"][1].encode("Once upon a time, there was a little"))
     tps = {v: [] for v in VARIANTS}
     for i in range(repeats + 1):  # the first round warms up
@@ -75,12 +78,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant.")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the 1B-shaped model.")
     parser.add_argument("--work-dir", default="/tmp/smoa_bench", help="Where the generated model goes.")
+    parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the base (group size 64).")
     args = parser.parse_args(argv)
     banner()
-    if STORIES.exists():
-        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats)
+    if args.bits:  # stories260K's MLP width (172) has no quantization group size
+        print("(stories260K-hf is not quantizable: skipped)\n")
+    elif STORIES.exists():
+        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats, args.bits)
     big = bench_model("Llama-3.2-1B-shaped", llama_1b_shaped(Path(args.work_dir), args.layers),
-                      args.tokens, args.repeats)
+                      args.tokens, args.repeats, args.bits)
     print(f"SUMMARY unfused_vs_base={big['unfused SMoA'] / big['base']:.3f} "
           f"fused_vs_base={big['fused SMoA'] / big['base']:.3f}")
 

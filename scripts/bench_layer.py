@@ -9,6 +9,11 @@ puts every variant on a 4-bit quantized base (QLoRA). The FLOP column counts the
 matmuls: base 2·N·d_in·d_out per pass (forward, input gradient), SMoA adds the
 per-block weight gradient, 1/K of one pass, and builds W0 + ΔW (2·R·d_in·d_out per
 pass); see docs/PERFORMANCE.md.
+
+`--decode` times one token instead (no gradients) on the Llama-1B projection shapes:
+the base, SMoALinear (its folded path: one matmul of W0 with 1 + R rows), and, for
+comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)` next to
+the base matmul with the anchors M_k stored, or rebuilt (de-quantized) on each call.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from benchlib import banner, median, table, time_interleaved
-from smoa_mlx.layer import SMoALinear
+from smoa_mlx.layer import SMoALinear, _anchors, _join, base_weight
+
+DECODE_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]  # (d_out, d_in)
 
 
 def matmul_flops(n: int, d: int, k: int | None, rank: int) -> float:
@@ -34,6 +41,42 @@ def matmul_flops(n: int, d: int, k: int | None, rank: int) -> float:
     return (base + 2 * n * d * d / k + 2 * 2 * rank * d * d) / 1e9
 
 
+def factored(layer: SMoALinear, x: mx.array, anchors: list[mx.array]) -> mx.array:
+    """Base output plus the update through the K anchors (the pre-folding decode path)."""
+    z = []
+    for a, b, m, c in zip(layer.smoa_a, layer.smoa_b, anchors, layer._cols):
+        xa = mx.take(x, c, axis=-1)[..., None, :] * a  # (..., r_k, in_k)
+        z.append(((xa @ m.T) * (layer.scale * b.T)).sum(axis=-2))
+    return layer.linear(x) + _join(z, layer._row_slot)
+
+
+def decode(args) -> None:
+    quantized = f", {args.bits}-bit base" if args.bits else ""
+    print(f"one token through one layer{quantized}, float32 x, r={args.rank} K=2, "
+          f"median of {args.repeats * 10} interleaved calls (ms)")
+    rows = []
+    for d_out, d_in in DECODE_SHAPES:
+        base = nn.Linear(d_in, d_out, bias=False)
+        if args.bits:
+            base = nn.QuantizedLinear.from_linear(base, 64, args.bits)
+        layer = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
+        layer.smoa_b = [mx.random.normal(b.shape) * 0.01 for b in layer.smoa_b]
+        stored = _anchors(base_weight(base), layer._rows, layer._cols)
+        x = mx.random.normal((1, 1, d_in))
+        mx.eval(x, stored, layer.parameters())
+        variants = {
+            "base": lambda: base(x),
+            "SMoA (folded)": lambda: layer(x),
+            "anchors stored": lambda: factored(layer, x, stored),
+            "anchors rebuilt": lambda: factored(layer, x, _anchors(base_weight(base), layer._rows, layer._cols)),
+        }
+        t = {n: median(v) for n, v in time_interleaved(variants, args.repeats * 10).items()}
+        rows.append([f"{d_out}x{d_in}"] + [t[n] * 1e3 for n in variants]
+                    + [t["SMoA (folded)"] / t["base"], t["anchors stored"] / t["base"],
+                       sum(a.nbytes for a in stored) / 2**20])
+    table(["shape", *variants, "folded/base", "stored/base", "stored MiB"], rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10, help="Timed repeats per variant.")
@@ -42,8 +85,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--num-blocks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the base (group size 64).")
+    parser.add_argument("--decode", action="store_true", help="Time one token per call (decoding).")
     args = parser.parse_args(argv)
     banner()
+    if args.decode:
+        return decode(args)
     d, n = args.dim, args.tokens[0] * args.tokens[1]
     mx.random.seed(0)
     base = nn.Linear(d, d, bias=False)

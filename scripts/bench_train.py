@@ -10,7 +10,7 @@ variant adapts q,k,v,up,down at rank 8 and runs the trainer's compiled step
 floor is the frozen base's forward+backward w.r.t. the input embeddings only. All
 variants live in one process and run interleaved; times are medians.
 
-Memory per variant = what building it left resident (weights, anchors, optimizer
+Memory per variant = what building it left resident (weights, adapter, optimizer
 state) + the step's transient peak (MLX peak minus active memory before the step),
 so the other variants alive in the process do not count.
 The last line is the SUMMARY for SMoA r=8 K=2 on the 1B-shaped model.

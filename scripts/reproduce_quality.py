@@ -278,41 +278,59 @@ def summary_line(r: dict) -> str:
     return line + f" ({r['seconds']:.0f}s)"
 
 
-def run_all(model_path, datasets, iters, seeds, quick, work) -> dict:
-    """Per dataset and method: the learning-rate sweep with the first seed (extended while
-    its best rate is at an end), then the other seeds at the best rate; only the runs at
-    the best rate are measured on held-out data."""
-    results = {"runs": [], "best": {}, "baseline": {}}
-    per_method = [1 if quick else len(LR_GRID[label]) for label in METHODS]
-    planned = len(datasets) * (sum(per_method) + len(METHODS) * (len(seeds) - 1))
+def method_runs(model_path, ds, label, iters, seeds, quick, work) -> tuple[list[dict], float]:
+    """One method on one dataset: the learning-rate sweep with the first seed (extended
+    while its best rate is at an end), then the other seeds at the best rate; only the
+    runs at the best rate are measured on held-out data. Returns (runs, best rate)."""
+    runs = []
 
-    def go(ds, label, lr, seed, measured):
+    def go(lr, seed, measured):
         run = train_one(model_path, ds, label, lr, seed, iters, work)
         if measured:
             measure(model_path, ds, run)
-        results["runs"].append(run)
-        print(f"[{len(results['runs'])}/{planned}+] " + summary_line(run), flush=True)
+        runs.append(run)
+        print("  " + summary_line(run), flush=True)
         return run
 
-    for ds in datasets:
-        results["baseline"][ds.name] = baseline(model_path, ds)
-        for label in METHODS:
-            grid = list(LR_GRID[label][1:2] if quick else LR_GRID[label])
-            sweep = [go(ds, label, lr, seeds[0], measured=quick) for lr in grid]
-            for _ in range(0 if quick else MAX_EXTEND):
-                best = min(sweep, key=lambda r: r["val_loss"])
-                lr = extension(grid, best["lr"])
-                if lr is None:
-                    break
-                grid.append(lr)
-                sweep.append(go(ds, label, lr, seeds[0], measured=False))
-            best = min(sweep, key=lambda r: r["val_loss"])
-            if "test_loss" not in best and not best["diverged"]:
-                measure(model_path, ds, best)
-                print("    best rate; measured: " + summary_line(best), flush=True)
-            results["best"][(ds.name, label)] = best["lr"]
-            for seed in seeds[1:]:
-                go(ds, label, best["lr"], seed, measured=True)
+    grid = list(LR_GRID[label][1:2] if quick else LR_GRID[label])
+    sweep = [go(lr, seeds[0], measured=quick) for lr in grid]
+    for _ in range(0 if quick else MAX_EXTEND):
+        best = min(sweep, key=lambda r: r["val_loss"])
+        lr = extension(grid, best["lr"])
+        if lr is None:
+            break
+        grid.append(lr)
+        sweep.append(go(lr, seeds[0], measured=False))
+    best = min(sweep, key=lambda r: r["val_loss"])
+    if "test_loss" not in best and not best["diverged"]:
+        measure(model_path, ds, best)
+        print("  best rate; measured: " + summary_line(best), flush=True)
+    for seed in seeds[1:]:
+        go(best["lr"], seed, measured=True)
+    return runs, best["lr"]
+
+
+def run_all(model_path, datasets, iters, seeds, quick, work, jobs) -> dict:
+    """Every (dataset, method) in `jobs` worker processes; the results do not depend on
+    `jobs` (each run is fixed by its seed), only the order of the progress lines does.
+    With more than one job each process gets one BLAS thread: on these small matrices
+    a second thread buys nothing, so two processes do twice the work."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = {"runs": [], "best": {}, "baseline": {}}
+    tasks = [(ds, label) for ds in datasets for label in METHODS]
+    if jobs > 1:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"  # read by the workers' BLAS at start
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        base = {ds.name: pool.submit(baseline, model_path, ds) for ds in datasets}
+        done = {(ds.name, label): pool.submit(method_runs, model_path, ds, label, iters, seeds, quick, work)
+                for ds, label in tasks}
+        for name, future in base.items():
+            results["baseline"][name] = future.result()
+        for (name, label), future in done.items():
+            runs, results["best"][(name, label)] = future.result()
+            results["runs"] += runs
     return results
 
 
@@ -615,7 +633,7 @@ seed noise, this run does not separate the methods. Reasons specific to this set
   binomial noise (±3.4% at 200 items). Generation metrics (SQL exact match, GSM8K answer
   accuracy) would be ~0 for every method on this model and are not reported.
 - *Speed.* "s/step" is the trainer's own training time per step, measured while other
-  jobs shared the 2 cores, so it varies with the machine's load more than with the
+  runs (the script's parallel workers) shared the cores, so it varies with the load more than with the
   method; it is not a speed comparison (scripts/bench_layer.py measures that in
   isolation).
 """
@@ -642,7 +660,8 @@ def write_report(path: Path, results, datasets, meta: dict) -> None:
         "# Results: SMoA vs LoRA vs HiRA on a real pretrained model, in miniature",
         "",
         f"Generated by `scripts/reproduce_quality.py` in {mode}; wall time "
-        f"{meta['wall_seconds'] / 60:.1f} min{load}.{rendered} Do not edit by hand: rerun the script.",
+        f"{meta['wall_seconds'] / 60:.1f} min with {meta.get('jobs', 1)} worker process(es)"
+        f"{load}.{rendered} Do not edit by hand: rerun the script.",
         "",
         "```",
         'eval "$(../shared/tools/fast-blas.sh)"',
@@ -763,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="Directory for the runs (default: a new "
                    "temporary one). Runs already finished there are reused, so an interrupted "
                    "run continues; implies --keep.")
+    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4), help="Worker "
+                   "processes (default: the CPU cores, at most 4).")
     p.add_argument("--report-from", default=None, metavar="RESULTS_JSON", help="Only rewrite the "
                    "report and plot from the results.json of an earlier run (no training).")
     return p
@@ -815,10 +836,12 @@ def main(argv=None) -> int:
             meta["rendered_from"] = True
         else:
             seeds = SEEDS[:1] if quick else SEEDS
-            results = run_all(model_path, datasets, args.iters, seeds, quick, work)
+            print(f"{len(datasets) * len(METHODS)} (dataset, method) sweeps in {args.jobs} "
+                  "process(es); a line per finished run:", flush=True)
+            results = run_all(model_path, datasets, args.iters, seeds, quick, work, args.jobs)
             meta = {
                 "quick": quick, "iters": args.iters, "seeds": seeds, "datasets": names,
-                "machine": machine(), "model_name": model_path.name,
+                "machine": machine(), "model_name": model_path.name, "jobs": args.jobs,
                 "wall_seconds": time.perf_counter() - tic, "load_average": os.getloadavg()[2],
                 "command": "python scripts/reproduce_quality.py" + "".join(f" {a}" for a in sys.argv[1:]),
             }

@@ -3,16 +3,20 @@
 In the weight's own coordinates SMoA is HiRA with block-diagonal factors: with
 `B_o` (d_out, R) and `A_o` (R, d_in) holding B_k and A_k on block k's rows and
 columns (R = sum of the block ranks), `ΔW = scale * W0 ⊙ (B_o A_o)`, exactly zero
-off the blocks (SPEC §1). Each call picks the cheapest of three exact evaluations
-(docs/PERFORMANCE.md has the FLOP counts and measurements):
+off the blocks (SPEC §1). Each call picks one of three exact evaluations: blocked
+while dropout is active, otherwise the cheaper of folded and merged for its number
+of rows (docs/PERFORMANCE.md has the FLOP counts and measurements):
 
 - folded, for few input rows (decoding): `ΔW x = scale * sum_r B_o[:, r] ⊙ W0 (A_o[r] ⊙ x)`,
   so one matmul of W0 (quantized or not) with 1 + R rows gives base and update in one
   read of the weight;
 - merged, for many rows (training, prefill): one matmul with `W0 + ΔW`, formed on the
-  fly; a custom VJP takes dA, dB from the per-block `dW_k = g_k^T x_k` (1/K of a dense
-  matmul) instead of the dense `g^T x` autodiff would form, and rebuilds `W0 + ΔW` in
-  the backward pass rather than keeping it alive;
+  fly, one layer at a time; a custom VJP takes dA, dB from the per-block
+  `dW_k = g_k^T x_k` (1/K of a dense matmul) instead of the dense `g^T x` autodiff
+  would form, and rebuilds `W0 + ΔW` in the backward pass rather than keeping it
+  alive. This departs from SPEC §1's "never build the dense ΔW during training" on
+  purpose: the dense transient costs less time than the per-block forward and input
+  gradient it replaces (docs/ARCHITECTURE.md, "Departures from the SPEC");
 - blocked, when dropout is active (the update sees another input than the base):
   per-block matmuls with `W_k = scale * (B_k A_k) ⊙ M_k`, M_k the block of W0.
 
@@ -104,10 +108,9 @@ def _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, dtype) -> mx.a
     return (w0 + w0 * ((scale * b_o) @ a_o)).astype(dtype)
 
 
-def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype=None) -> mx.array:
-    """`scale * (B A) ⊙ M` of one block (scale folded into the small B), cast if `dtype`."""
-    w = ((scale * b) @ a) * anchor
-    return w if dtype is None else w.astype(dtype)
+def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
+    """`scale * (B A) ⊙ M` of one block (scale folded into the small B), in `dtype`."""
+    return (((scale * b) @ a) * anchor).astype(dtype)
 
 
 def _anchors(w0: mx.array, rows, cols) -> list[mx.array]:
@@ -116,13 +119,13 @@ def _anchors(w0: mx.array, rows, cols) -> list[mx.array]:
 
 
 def _factor_grads(g, x, a_list, b_list, anchors, rows, cols, scale):
-    """dA_k, dB_k from the per-block `dW_k = g_k^T x_k` (g, x: 2-D); the anchor turns
-    it into d(B A), and the scale goes on the small ends."""
+    """dA_k, dB_k (in the parameters' dtypes) from the per-block `dW_k = g_k^T x_k`
+    (g, x: 2-D); the anchor turns it into d(B A), and the scale goes on the small ends."""
     da, db = [], []
     for a, b, m, r, c in zip(a_list, b_list, anchors, rows, cols):
         d_ba = (_gather(g, r).T @ _gather(x, c)).astype(a.dtype) * m
-        da.append(scale * (b.T @ d_ba))
-        db.append(scale * (d_ba @ a.T))
+        da.append((scale * (b.T @ d_ba)).astype(a.dtype))
+        db.append((scale * (d_ba @ a.T)).astype(b.dtype))
     return da, db
 
 
@@ -142,12 +145,14 @@ def _folded(base, x, a_o, b_o, scale) -> mx.array:
 
 
 def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scale):
-    """`x (W0 + ΔW)^T` (no bias) with the custom VJP described in the module docstring."""
+    """`x (W0 + ΔW)^T` (no bias) with the custom VJP described in the module docstring;
+    computed in the dtype `x W0^T` has, as the base layer would."""
     k = len(a_list)
 
     @mx.custom_function
     def merged(x, a_list, b_list):
-        w = _merged_weight(base_weight(base), a_list, b_list, row_slot, col_slot, scale, x.dtype)
+        w0 = base_weight(base)
+        w = _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, mx.result_type(x, w0))
         return x @ w.T
 
     @merged.vjp
@@ -155,10 +160,10 @@ def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scal
         x, a_list, b_list = primals
         w0 = base_weight(base, after=cotangent)
         late = _tied(list(a_list) + list(b_list), cotangent)
-        w = _merged_weight(w0, late[:k], late[k:], row_slot, col_slot, scale, x.dtype)
+        w = _merged_weight(w0, late[:k], late[k:], row_slot, col_slot, scale, mx.result_type(x, w0))
         g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
         da, db = _factor_grads(g2, x2, a_list, b_list, _anchors(w0, rows, cols), rows, cols, scale)
-        return cotangent @ w, da, db
+        return (cotangent @ w).astype(x.dtype), da, db
 
     return merged(x, a_list, b_list)
 
@@ -170,7 +175,7 @@ def _blocked_update(base, x, a_list, b_list, rows, cols, row_slot, col_slot, sca
     @mx.custom_function
     def update(x, a_list, b_list):
         anchors = _anchors(base_weight(base), rows, cols)
-        z = [_gather(x, c) @ _block_weight(a, b, m, scale, x.dtype).T
+        z = [_gather(x, c) @ _block_weight(a, b, m, scale, mx.result_type(x, m)).T
              for a, b, m, c in zip(a_list, b_list, anchors, cols)]
         return _join(z, row_slot)
 
@@ -181,10 +186,10 @@ def _blocked_update(base, x, a_list, b_list, rows, cols, row_slot, col_slot, sca
         anchors = _anchors(base_weight(base, after=cotangent), rows, cols)
         late = _tied(list(a_list) + list(b_list), cotangent)
         g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
-        dx = [_gather(g2, r) @ _block_weight(a, b, m, scale, x.dtype)
+        dx = [_gather(g2, r) @ _block_weight(a, b, m, scale, mx.result_type(x, m))
               for a, b, m, r in zip(late[:k], late[k:], anchors, rows)]
         da, db = _factor_grads(g2, x2, a_list, b_list, anchors, rows, cols, scale)
-        return _join(dx, col_slot).reshape(x.shape), da, db
+        return _join(dx, col_slot).reshape(x.shape).astype(x.dtype), da, db
 
     return update(x, a_list, b_list)
 
@@ -262,11 +267,14 @@ class SMoALinear(nn.Module):
         return self.smoa_a, self.smoa_b, self._rows, self._cols, self._row_slot, self._col_slot
 
     def _path(self, x: mx.array) -> str:
-        """Which evaluation serves `x`: it depends on the shape and dropout alone, so a
-        layer without dropout gives bitwise the same output in train and eval mode."""
+        """Which evaluation serves `x`: it depends on the number of rows and on whether
+        dropout is active (dropout > 0 in training mode) alone, so a layer without
+        dropout gives bitwise the same output in train and eval mode. One row always
+        folds: whatever the rank, that reads W0 once and builds nothing."""
         if self.dropout is not None and self.training:
             return "blocked"
-        if x.size // x.shape[-1] * (1 + sum(self.branch_ranks)) <= FOLDED_MAX_ROWS:
+        rows = x.size // x.shape[-1]
+        if rows == 1 or rows * (1 + self.rank) <= FOLDED_MAX_ROWS:
             return "folded"
         return "merged"
 
@@ -282,12 +290,6 @@ class SMoALinear(nn.Module):
         z = _blocked_update(self.linear, x_in, a, b, rows, cols, row_slot, col_slot, self.scale)
         y = self.linear(x)
         return y + z.astype(y.dtype)
-
-    def block_weights(self) -> list[mx.array]:
-        """`scale * (B_k A_k) ⊙ M_k` of each block, (out_k, in_k), in block coordinates."""
-        anchors = _anchors(base_weight(self.linear), self._rows, self._cols)
-        return [_block_weight(a, b, m, self.scale)
-                for a, b, m in zip(self.smoa_a, self.smoa_b, anchors)]
 
     def delta_weight(self) -> mx.array:
         """The dense scaled update in original coordinates, (d_out, d_in)."""

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, help="Total rank budget r, split over the blocks (default 8).")
     a("--num-blocks", type=int, help="SMoA blocks K (default 2; hira is 1).")
     a("--alpha", type=float, help="scale = alpha / rank, for lora too (default 8).")
-    a("--dropout", type=float, help="Dropout on the adapter input (default 0).")
+    a("--dropout", type=float, help="Dropout on the adapter input (default 0; above 0, SMoA steps "
+      "take the per-block path, ~1.25x slower).")
     a("--targets", nargs="+", help=f"Modules to adapt (default {' '.join(DEFAULT_TARGETS)}).")
     a("--num-layers", type=int, help="Adapt the last N decoder layers, -1 for all (default -1).")
     a("--dtype", choices=list(DTYPES), help="dtype of the trainable parameters and their "
@@ -303,7 +304,10 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
             # the mean over every token of the group.
             grad = average_gradients(grad, group=group)
             per_rank = mx.maximum(total, 1) / world
-            optimizer.update(model, tree_map(lambda g: g / per_rank, grad))
+            # Back to each parameter's dtype: a float32 gradient would make the optimizer
+            # turn a bfloat16 adapter into float32 (the token weighting promotes it).
+            optimizer.update(model, tree_map(lambda g, p: (g / per_rank).astype(p.dtype), grad,
+                                             model.trainable_parameters()))
             return value, ntoks, None
         return value, ntoks, (grad, total)
 

@@ -158,3 +158,30 @@ def test_bad_input_leaves_no_output(tiny_model_dir, tmp_path, capsys):
     assert code == 1 and "holds keep.txt" in res.err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+
+
+TOKENS2 = np.array([[1, 5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 9, 2, 77, 18, 40, 6, 30, 8, 12, 15, 21, 33]])
+
+
+def cached_logits(model, prefill: int) -> np.ndarray:
+    """Logits of TOKENS2 through a KV cache: `prefill` tokens at once (many rows: the
+    training-path matmul), then one token per call (one row: the folded decoding path)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache, tokens = make_prompt_cache(model), mx.array(TOKENS2)
+    out = [model(tokens[:, :prefill], cache=cache)]
+    out += [model(tokens[:, i : i + 1], cache=cache) for i in range(prefill, tokens.shape[1])]
+    return np.array(mx.concatenate(out, axis=1).astype(mx.float32))
+
+
+@pytest.mark.parametrize("kind", ["float", "quantized"])
+def test_prefill_then_decode_matches_the_fused_model(kind, tiny_model_dir, quantized_base, tmp_path, capsys):
+    base = str(tiny_model_dir) if kind == "float" else quantized_base
+    adapter = smoa_adapter(base, tmp_path / "adapter", seed=3)
+    unfused, _ = load(base, adapter_path=adapter)
+    got = cached_logits(unfused, prefill=20)
+    assert fuse(capsys, "--model", base, "--adapter-path", adapter, "--save-path", tmp_path / "f",
+                "--de-quantize")[0] == 0
+    want = cached_logits(mlx_lm_load(str(tmp_path / "f"))[0], prefill=20)
+    assert rel(got, want) < TOL
+    assert rel(cached_logits(load(base)[0], prefill=20), want) > 1e-2

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from test_layer import (
     CASES,
     F32_TOL,
@@ -62,12 +62,15 @@ def test_quantized_grads_on_every_path(path, k):
 
 
 def test_paths_are_chosen_by_shape_and_dropout(monkeypatch):
-    _, layer = make_layer(40, 30, 3, 6, seed=3)  # R = 6: 1 + R = 7 rows per input row
-    small, large = mx.random.normal((9, 30)), mx.random.normal((3, 40, 30))
-    assert (layer._path(small), layer._path(large)) == ("folded", "merged")  # 63 and 840 rows
-    assert layer._path(mx.random.normal((10, 30))) == "merged"  # 70 > FOLDED_MAX_ROWS
+    _, layer = make_layer(40, 30, 3, 7, seed=3)  # R = 7: 1 + R = 8 rows per input row
+    small, large = mx.random.normal((8, 30)), mx.random.normal((3, 40, 30))
+    assert (layer._path(small), layer._path(large)) == ("folded", "merged")  # 64 and 960 rows
+    assert layer._path(mx.random.normal((9, 30))) == "merged"  # 72 > FOLDED_MAX_ROWS
     monkeypatch.setattr(layer_mod, "FOLDED_MAX_ROWS", 0)
     assert layer._path(small) == "merged"
+    assert layer._path(mx.random.normal((1, 1, 30))) == "folded"  # one row always folds
+    _, wide = make_layer(40, 30, 2, 64, seed=3)
+    assert wide._path(mx.random.normal((1, 30))) == "folded"
     _, dropping = make_layer(40, 30, 3, 6, seed=3, dropout=0.5)
     assert dropping.training and dropping._path(small) == "blocked"
     dropping.eval()
@@ -84,18 +87,58 @@ def test_paths_agree_bitwise_in_train_and_eval_mode():
         layer.train()
 
 
-def test_only_the_factors_are_stored_and_k1_blocks_are_the_permuted_weight():
+def test_only_the_factors_are_stored():
     mx.random.seed(6)
-    hira = SMoALinear.from_base(nn.Linear(12, 10), rank=4, num_blocks=1)
-    names = [n for n, _ in tree_flatten(hira.parameters())]
+    layer = SMoALinear.from_base(nn.Linear(12, 10), rank=4, num_blocks=2)
+    layer.eval()
+    layer(mx.random.normal((3, 12)))
+    names = [n for n, _ in tree_flatten(layer.parameters())]
     assert sorted(names) == ["col_order", "linear.bias", "linear.weight", "row_order",
-                             "smoa_a.0", "smoa_b.0"]
-    # K = 1 computes in the base weight's coordinates; its block is still the permuted weight.
-    randomize_b(hira, 7)
-    w = np64(hira.linear.weight)
-    np.testing.assert_allclose(np64(hira.block_weights()[0]),
-                               2.0 * np64(hira.smoa_b[0] @ hira.smoa_a[0])
-                               * w[np.array(hira.row_order)][:, np.array(hira.col_order)], rtol=1e-5, atol=1e-7)
+                             "smoa_a.0", "smoa_a.1", "smoa_b.0", "smoa_b.1"]
+
+
+def mxfp4_layer(k):
+    mx.random.seed(15)
+    base = nn.QuantizedLinear.from_linear(nn.Linear(64, 19), 32, 4, mode="mxfp4")
+    assert "biases" not in base  # the quantization without offsets
+    layer = SMoALinear.from_base(base, rank=6, num_blocks=k, alpha=4.0)
+    randomize_b(layer, 16)
+    w = np64(mx.dequantize(base.weight, base.scales, None, group_size=32, bits=4, mode="mxfp4"))
+    return base, layer, w
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mxfp4_base_on_every_path(path, k):
+    base, layer, w = mxfp4_layer(k)
+    x = mx.random.normal((2, 3, 64))
+    want = reference_forward(x, w, reference_delta(layer, w, 6, 4.0, k), base.bias)
+    np.testing.assert_allclose(np64(layer(x)), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_grads_match_dense(layer, w, base.bias, 4.0 / 6, k, 64, 19)
+
+
+@pytest.mark.parametrize("w_dtype,p_dtype,x_dtype,bias", [
+    (mx.float32, mx.bfloat16, mx.float32, True),   # bf16 adapter on a float32 base
+    (mx.bfloat16, mx.float32, mx.bfloat16, True),  # float32 adapter on a bf16 base
+    (mx.float32, mx.float32, mx.bfloat16, False),  # bf16 input into a float32 base
+])
+def test_dtypes_follow_the_base_and_the_parameters(path, w_dtype, p_dtype, x_dtype, bias):
+    """The output has the base layer's dtype for the same input, and every gradient its
+    parameter's (an optimizer would otherwise change the adapter's dtype)."""
+    base, layer = make_layer(24, 16, 2, 4, bias=bias, seed=17)
+    randomize_b(layer, 18, std=0.1)
+    base.set_dtype(w_dtype)
+    layer.update(tree_map(lambda p: p.astype(p_dtype), layer.trainable_parameters()))
+    x = mx.random.normal((2, 3, 16)).astype(x_dtype)
+    y = layer(x)
+    assert y.dtype == base(x).dtype
+    w = np64(base.weight)
+    want = reference_forward(x, w, reference_delta(layer, w, 4, 8.0, 2), base.bias if bias else None)
+    np.testing.assert_allclose(np64(y), want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
+    grads = nn.value_and_grad(layer, lambda x: layer(x).astype(mx.float32).sum())(x)[1]
+    for (_, g), (_, p) in zip(tree_flatten(grads), tree_flatten(layer.trainable_parameters())):
+        assert g.dtype == p.dtype
+    dx = mx.grad(lambda x: layer(x).astype(mx.float32).sum())(x)
+    assert dx.dtype == x.dtype
 
 
 @pytest.mark.parametrize("forced", ["merged", "blocked"])

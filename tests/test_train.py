@@ -1,6 +1,7 @@
 """The training loop end to end: learning, exact resume, methods, safety, bad input."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -155,6 +156,17 @@ def test_quantized_base_trains(tiny_model_dir, arith, tmp_path):
     model, _ = smoa_mlx.load(str(qdir), adapter_path=str(out))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, smoa_mlx.SMoALinear) and isinstance(q_proj.linear, nn.QuantizedLinear)
+
+
+def test_bfloat16_adapter_stays_bfloat16(tiny_model_dir, arith, tmp_path):
+    """--dtype sets the adapter's dtype for the whole run (a gradient in another dtype
+    would make the optimizer change it after the first update)."""
+    out = tmp_path / "bf16"
+    r = train(opts(tiny_model_dir, arith, out, iters=4, dtype="bfloat16", learning_rate=1e-1))
+    assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["initial_val_loss"]
+    saved = adapter_file(out)
+    trained = [v for k, v in saved.items() if ".smoa_" in k]
+    assert trained and all(v.dtype == mx.bfloat16 for v in trained)
 
 
 def test_mask_prompt_trains_on_completions_only(tiny_model_dir, tmp_path):
