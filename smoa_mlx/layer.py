@@ -48,11 +48,11 @@ def base_weight(base: nn.Module, after=None) -> mx.array:
     if isinstance(base, nn.QuantizedLinear):
         parts = [base.weight, base.scales] + ([base.biases] if "biases" in base else [])
         if after is not None:
-            parts = mx.depends(parts, [after])
+            parts = _tied(parts, after)
         return mx.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None,
                              group_size=base.group_size, bits=base.bits, mode=base.mode)
     if isinstance(base, nn.Linear):
-        return base.weight if after is None else mx.depends([base.weight], [after])[0]
+        return base.weight if after is None else _tied([base.weight], after)[0]
     raise TypeError(f"SMoA adapts nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
 
 
@@ -102,10 +102,15 @@ def _embedded(a_list, b_list, row_slot, col_slot) -> tuple[mx.array, mx.array]:
     return _gather(_block_diagonal(a_list), col_slot), _gather_rows(_block_diagonal(b_list), row_slot)
 
 
-def _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, dtype) -> mx.array:
-    """`W0 + ΔW = W0 + W0 ⊙ (scale * B_o A_o)`, in `dtype`."""
+def _delta(w0, a_list, b_list, row_slot, col_slot, scale) -> mx.array:
+    """The dense `ΔW = scale * W0 ⊙ (B_o A_o)` in original coordinates."""
     a_o, b_o = _embedded(a_list, b_list, row_slot, col_slot)
-    return (w0 + w0 * ((scale * b_o) @ a_o)).astype(dtype)
+    return w0 * ((scale * b_o) @ a_o)
+
+
+def _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, dtype) -> mx.array:
+    """`W0 + ΔW`, in `dtype`."""
+    return (w0 + _delta(w0, a_list, b_list, row_slot, col_slot, scale)).astype(dtype)
 
 
 def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
@@ -294,8 +299,7 @@ class SMoALinear(nn.Module):
     def delta_weight(self) -> mx.array:
         """The dense scaled update in original coordinates, (d_out, d_in)."""
         a, b, _, _, row_slot, col_slot = self._factors()
-        a_o, b_o = _embedded(a, b, row_slot, col_slot)
-        return base_weight(self.linear) * ((self.scale * b_o) @ a_o)
+        return _delta(base_weight(self.linear), a, b, row_slot, col_slot, self.scale)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain layer with `W0 + ΔW`; re-quantized like the base unless `dequantize`."""
