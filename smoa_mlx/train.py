@@ -35,6 +35,7 @@ from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
+from .loader import load_model
 from .patch import (
     DEFAULT_TARGETS, apply_smoa, layer_relative, smoa_layers, summarize, target_paths,
 )
@@ -380,23 +381,6 @@ def estimate_memory(model: nn.Module, trainable: int, args, seq: int, batch: int
 
 
 # ---------------------------------------------------------------- setup
-
-
-def load_model(name: str):
-    """`mlx_lm.load`, with a one-line error (and the --model hint) when it fails."""
-    from mlx_lm.utils import load
-
-    try:
-        return load(name)
-    except Exception as e:  # hub / network / format errors come in many types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if Path(name).exists():
-            raise ValueError(f"{name}: cannot load the model ({reason})") from None
-        raise ValueError(
-            f"cannot load model {name!r}: not a local directory, and fetching it from the "
-            f"Hugging Face Hub failed ({type(e).__name__}); "
-            "pass --model PATH to a local model directory"
-        ) from None
 
 
 def upcast_base(model: nn.Module) -> None:
