@@ -8,6 +8,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import AdapterError, ConfigError, MissingFileError
+
 
 def atomic_write(path, write) -> Path:
     """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place.
@@ -36,20 +38,20 @@ def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> Path:
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def load_safetensors(path) -> dict[str, mx.array]:
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors files are loaded (never pickles)")
+        raise AdapterError(f"{path}: only .safetensors files are loaded (never pickles)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX reports a corrupt file deep inside its loader
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
