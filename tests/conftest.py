@@ -45,3 +45,57 @@ def stories_dir() -> Path:
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     return need_shared(DATASETS)
+
+
+@pytest.fixture(scope="session")
+def arith(tmp_path_factory) -> Path:
+    """Short text records the tiny model's tokenizer covers: train 32, valid 8, test 8."""
+    import json
+    import random
+
+    d = tmp_path_factory.mktemp("arith")
+    rng = random.Random(0)
+    for split, n in (("train", 32), ("valid", 8), ("test", 8)):
+        pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n)]
+        (d / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": f"Question: what is {a} plus {b}? Answer: The answer is {a + b}."})
+            + "\n" for a, b in pairs))
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_adapter():
+    """`make_adapter(base, out, **apply_smoa_kwargs, seed=0, b=None) -> Path`: an SMoA
+    adapter on disk whose B is random normal (std 1; `b=x` fills it with x instead), so it
+    visibly changes the model. Default shape: rank 4, K = 2, alpha 8 on DEFAULT_TARGETS."""
+    def make(base, out, seed=0, b=None, **kwargs):
+        import mlx.core as mx
+
+        import smoa_mlx
+        from smoa_mlx.adapters import smoa_config
+        from smoa_mlx.patch import smoa_layers
+
+        model, _ = smoa_mlx.load(str(base))
+        smoa_mlx.apply_smoa(model, **{"rank": 4, "num_blocks": 2, "alpha": 8.0, **kwargs})
+        mx.random.seed(seed)
+        for layer in smoa_layers(model).values():
+            layer.smoa_b = [mx.random.normal(x.shape) if b is None else mx.full(x.shape, b)
+                            for x in layer.smoa_b]
+        smoa_mlx.save_adapter(model, out, smoa_config(model, base_model=str(base)))
+        return Path(out)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model_dir, arith, tmp_path_factory) -> Path:
+    """An adapter directory written by `train()` on the tiny model: 4 updates, checkpoints
+    at 2 and 4 (adapter, numbered copies, training state, metrics). Copy it before
+    changing it."""
+    from smoa_mlx.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    train({"model": str(tiny_model_dir), "data": str(arith), "adapter_path": str(out),
+           "iters": 4, "save_every": 2, "batch_size": 4, "learning_rate": 5e-2, "warmup": 0,
+           "steps_per_report": 1, "val_batches": 1})
+    return out

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,26 +26,9 @@ from smoa_mlx.train import build_parser, evaluate, load_model, loss_fn, main, ma
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _arith(n, rng):
-    return [
-        {"text": f"Question: what is {a} plus {b}? Answer: The answer is {a + b}."}
-        for a, b in ((rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n))
-    ]
-
-
 def _write(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-@pytest.fixture(scope="module")
-def arith(tmp_path_factory) -> Path:
-    """Short text records the tiny model's tokenizer covers: train 32, valid 8, test 8."""
-    d = tmp_path_factory.mktemp("arith")
-    rng = random.Random(0)
-    for split, n in (("train", 32), ("valid", 8), ("test", 8)):
-        _write(d / f"{split}.jsonl", _arith(n, rng))
-    return d
 
 
 def opts(model, data, out, **kw):
@@ -474,3 +456,171 @@ def test_parser_mirrors_mlx_lm_lora():
               "--test", "--test-batches", "--max-seq-length", "-c", "--config", "--grad-checkpoint",
               "--seed", "--optimizer"}
     assert shared <= ours and shared <= theirs
+
+
+# ---------------------------------------------------------------- mlx-lm config files
+
+MLX_LM_CONFIG = REPO / "tests" / "data" / "mlx_lm_lora_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """The tiny Llama with 16 layers: mlx-lm's example config adapts the last 16."""
+    from smoa_mlx.synthetic import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("tiny16") / "model", num_hidden_layers=16)
+
+
+def _mlx_lm_config(tmp_path, model, data, **changes) -> Path:
+    """The mlx-lm example config with only model and data changed (plus `changes`)."""
+    import yaml
+
+    config = yaml.safe_load(MLX_LM_CONFIG.read_text())
+    assert {"fine_tune_type", "lora_parameters", "lr_schedule", "optimizer_config"} <= set(config)
+    config.update(model=str(model), data=str(data), adapter_path=str(tmp_path / "adapters"), **changes)
+    path = tmp_path / "lora_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_config_covers_mlx_lm_config_defaults():
+    """Every CONFIG_DEFAULTS key of mlx_lm.lora is in the fixture, and means something here."""
+    import yaml
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from smoa_mlx.options import load_config
+
+    keys = set(yaml.safe_load(MLX_LM_CONFIG.read_text()))
+    assert set(CONFIG_DEFAULTS) - {"config"} <= keys
+    read = load_config(MLX_LM_CONFIG)
+    assert read["method"] == "lora" and read["targets"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert read["rank"] == 8 and read["alpha"] == 160.0 and read["learning_rate"] == 1e-5
+    assert read["optimizer_config"]["adamw"]["eps"] == 1e-6  # 1e-6 is a float, as in mlx-lm
+
+
+@pytest.mark.parametrize("method", ["lora", "smoa"])
+def test_an_mlx_lm_lora_config_trains(method, tiny16, arith, tmp_path):
+    """`python -m smoa_mlx.train -c lora_config.yaml` (mlx-lm's example; --method smoa
+    picks SMoA), shortened to 20 updates with --iters, trains and saves a loadable adapter."""
+    cfg = _mlx_lm_config(tmp_path, tiny16, arith)
+    out = tmp_path / "adapters"
+    flags = ["-c", str(cfg), "--iters", "20"] + (["--method", "smoa"] if method == "smoa" else [])
+    proc = subprocess.run([sys.executable, "-m", "smoa_mlx.train", *flags], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["optimizer"] == "adamw" and config["lr_schedule"]["name"] == "cosine_decay"
+    assert config["num_layers"] == 16 and config["rank"] == 8 and config["alpha"] == 160.0
+    records = [json.loads(x) for x in (out / checkpoint.METRICS).read_text().splitlines()]
+    lrs = [r["learning_rate"] for r in records if r["type"] == "train"]
+    # mlx-lm's own schedule: warmup from 1e-7 over 100 updates; update k (reported
+    # every 10) used the rate of optimizer step k - 1
+    from mlx_lm.tuner.utils import build_schedule
+
+    expected = build_schedule(config["lr_schedule"])
+    np.testing.assert_allclose(lrs, [expected(mx.array(s)).item() for s in (9, 19)], rtol=1e-5)
+    if method == "lora":
+        from mlx_lm import load as mlx_lm_load
+
+        assert config["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0,
+                                             "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+        model, _ = mlx_lm_load(str(tiny16), adapter_path=str(out))
+        b = [v for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    else:
+        model, _ = smoa_mlx.load(str(tiny16), adapter_path=str(out))
+        b = [v for k, v in tree_flatten(model.parameters()) if ".smoa_b." in k]
+        assert {m.split(".")[-1] for m in config["modules"]} == {"q_proj", "v_proj"}
+    blocks = 1 if method == "lora" else 2
+    assert len(b) == 2 * 16 * blocks and all(float(mx.abs(x).max()) > 0 for x in b)  # trained
+
+
+def test_mlx_lm_schedules_and_optimizers():
+    from mlx_lm.tuner.utils import build_schedule
+
+    from smoa_mlx.schedule import OPTIMIZERS, build_optimizer, mlx_lm_schedule, warmup_schedule
+
+    for config in ({"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-7, "arguments": [1e-3, 20, 1e-6]},
+                   {"name": "linear_schedule", "arguments": [1e-3, 0.0, 10]},
+                   {"name": "exponential_decay", "warmup": 2, "arguments": [1e-3, 0.9]},
+                   {"name": "step_decay", "arguments": [1e-3, 0.5, 4]}):
+        ours, theirs = mlx_lm_schedule(config), build_schedule(config)
+        for s in range(30):
+            assert ours(mx.array(s)).item() == pytest.approx(theirs(mx.array(s)).item(), rel=1e-6)
+    constant = [warmup_schedule(1e-2, 10, 4, "constant")(mx.array(k)).item() for k in range(10)]
+    np.testing.assert_allclose(constant, [2.5e-3, 5e-3, 7.5e-3] + [1e-2] * 7, rtol=1e-6)
+    linear = [warmup_schedule(1e-2, 10, 0, "linear")(mx.array(k)).item() for k in range(10)]
+    np.testing.assert_allclose(linear, [1e-2 * (1 - k / 10) for k in range(10)], rtol=1e-5)
+    assert set(OPTIMIZERS) == {"adam", "adamw", "sgd", "adafactor", "muon"}
+    opt = build_optimizer("adamw", 1e-3, 0.0, {"betas": [0.9, 0.98], "eps": 1e-6})
+    assert opt.betas == [0.9, 0.98] and opt.eps == 1e-6 and opt.weight_decay == 0.0
+    assert opt.bias_correction  # as in PyTorch, unless the config says otherwise
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor", "muon", "adam"])
+def test_every_optimizer_trains_and_resumes_exactly(optimizer, tiny_model_dir, arith, tmp_path):
+    """2 updates, then --resume to 4 = 4 straight: the optimizer's state, whatever it
+    holds, round-trips through the checkpoint (a constant rate does not depend on --iters)."""
+    extra = {"optimizer": optimizer, "learning_rate": 1e-2, "iters": 4, "lr_schedule": "constant"}
+    if optimizer == "sgd":
+        extra["optimizer_config"] = {"sgd": {"momentum": 0.9}}
+    straight = train(opts(tiny_model_dir, arith, tmp_path / "straight", **extra))
+    assert straight["val_loss"] < straight["initial_val_loss"]
+    assert train(opts(tiny_model_dir, arith, tmp_path / "half", **{**extra, "iters": 2}))["steps"] == 2
+    assert train({"adapter_path": str(tmp_path / "half"), "resume": True, "iters": 4})["steps"] == 4
+    assert_same_tensors(adapter_file(tmp_path / "half"), adapter_file(tmp_path / "straight"), atol=1e-6)
+    expected = train_losses(tmp_path / "straight")
+    got = train_losses(tmp_path / "half")
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], atol=1e-6)
+
+
+def _yaml_case(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_keys_that_mean_nothing_here_are_one_line(tiny_model_dir, arith, tmp_path):
+    cases = {
+        "dora": ("fine_tune_type: dora\n", r"fine_tune_type: 'dora' is not supported"),
+        "lora alpha": ("lora_parameters: {rank: 8, alpha: 16}\n", r"lora_parameters\.alpha: means nothing"),
+        "wandb": ("report_to: wandb\n", "report_to: reporting to other services is not supported"),
+        "dpo": ("training_mode: dpo\n", "training_mode: 'dpo' is not supported"),
+        "schedule name": ("lr_schedule: {name: warp, arguments: [1]}\n", r"lr_schedule\.name: 'warp'"),
+        "schedule args": ("lr_schedule: {name: cosine_decay, arguments: [1e-3]}\n", r"cosine_decay\(0\.001,\) fails"),
+        "schedule key": ("lr_schedule: {name: cosine_decay, arguments: [1e-3, 9], decay: 1}\n", r"lr_schedule\.decay: unknown key"),
+        "optimizer kwarg": ("optimizer_config: {adamw: {momentum: 0.9}}\n", r"optimizer_config\.adamw\.momentum: not an argument"),
+        "optimizer name": ("optimizer: lion\n", "optimizer: 'lion' is not one of"),
+        "list": ("- iters: 5\n", "expected a mapping of option names to values, got a list"),
+        "scalar": ("5\n", "expected a mapping of option names to values, got a int"),
+        "bad yaml": ("iters: [1\n", "invalid YAML"),
+        "hf_dataset scalar": ("hf_dataset: billsum\n", "hf_dataset: expected a mapping"),
+        "contradiction": ("fine_tune_type: lora\nmethod: smoa\n", "contradicts method"),
+        "lr contradiction": ("learning_rate: 1e-4\nlr_schedule: {name: cosine_decay, arguments: [1e-3, 9]}\n",
+                             r"--learning-rate 0\.0001 contradicts lr_schedule"),
+    }
+    for name, (text, message) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        args = {**opts(tiny_model_dir, arith, out), "config": _yaml_case(tmp_path, name.replace(" ", "-"), text)}
+        args.pop("learning_rate")
+        with pytest.raises(ValueError, match=message) as e:
+            train(args)
+        assert "\n" not in str(e.value) and not out.exists(), name
+
+
+def test_hf_dataset_goes_to_the_data_layer_unchanged(tiny_model_dir, arith, tmp_path, monkeypatch):
+    import smoa_mlx.train as train_module
+
+    seen = {}
+    real = train_module.load_data
+
+    def load_data(data, tokenizer, **kw):
+        seen.update(kw)
+        kw.pop("hf_dataset", None)
+        return real(data, tokenizer, **kw)
+
+    monkeypatch.setattr(train_module, "load_data", load_data)
+    spec = [{"name": "billsum", "train_split": "train[:1000]", "prompt_feature": "text"},
+            {"name": "other", "completion_feature": "summary"}]
+    cfg = _yaml_case(tmp_path, "hf", __import__("yaml").safe_dump({"hf_dataset": spec}))
+    train({**opts(tiny_model_dir, arith, tmp_path / "a", iters=1), "config": cfg})
+    assert seen["hf_dataset"] == spec
