@@ -624,3 +624,134 @@ def test_hf_dataset_goes_to_the_data_layer_unchanged(tiny_model_dir, arith, tmp_
     cfg = _yaml_case(tmp_path, "hf", __import__("yaml").safe_dump({"hf_dataset": spec}))
     train({**opts(tiny_model_dir, arith, tmp_path / "a", iters=1), "config": cfg})
     assert seen["hf_dataset"] == spec
+
+
+# ---------------------------------------------------------------- crash safety
+
+
+def test_kill_9_while_training_and_saving_loses_nothing(tiny_model_dir, arith, tmp_path):
+    """kill -9 at random moments (a save after every update, so many land mid-save), four
+    times: each time the adapter loads and the checkpoint resumes, and the finished run's
+    loss log and tensors equal those of an uninterrupted run."""
+    args = opts(tiny_model_dir, arith, tmp_path / "straight", iters=40, save_every=1,
+                dropout=0.1, val_batches=1, lr_schedule="constant")
+    train(args)
+    out = tmp_path / "killed"
+    flags = ["--model", str(tiny_model_dir), "--data", str(arith), "--adapter-path", str(out),
+             "--iters", "40", "--save-every", "1", "--dropout", "0.1", "--val-batches", "1",
+             "--lr-schedule", "constant", "--learning-rate", "5e-2", "--warmup", "0",
+             "--steps-per-report", "1", "--steps-per-eval", "100", "--batch-size", "4"]
+    rng = np.random.default_rng(0)
+    kills = 0
+    while kills < 4:
+        resume = ["--resume"] if (out / checkpoint.STATE).is_file() else []
+        proc = subprocess.Popen([sys.executable, "-m", "smoa_mlx.train", *flags, *resume],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+        start = checkpoint.load(out / checkpoint.STATE).state.step if resume else 0
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:  # until it is past its start
+            if (out / checkpoint.STATE).is_file() and \
+                    checkpoint.load(out / checkpoint.STATE).state.step > start:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        state = checkpoint.load(out / checkpoint.STATE)  # always resumable
+        model, _ = smoa_mlx.load(str(tiny_model_dir), adapter_path=str(out))  # always loadable
+        assert 0 < state.state.step < 40
+    r = train({"adapter_path": str(out), "resume": True})
+    assert r["steps"] == 40
+    expected, got = train_losses(tmp_path / "straight"), train_losses(out)
+    assert sorted(got) == list(range(1, 41))
+    np.testing.assert_allclose([got[s] for s in range(1, 41)], [expected[s] for s in range(1, 41)], atol=1e-6)
+    assert_same_tensors(adapter_file(out), adapter_file(tmp_path / "straight"), atol=1e-6)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # the killed saves' temps are gone
+
+
+# ---------------------------------------------------------------- damaged files
+
+
+def test_damaged_checkpoints_and_configs_are_one_line(trained_adapter, tiny_model_dir, arith, tmp_path):
+    import shutil
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(trained_adapter, d)
+        return d
+
+    truncated = copy("truncated")
+    data = (truncated / checkpoint.STATE).read_bytes()
+    (truncated / checkpoint.STATE).write_bytes(data[: len(data) // 2])
+    no_step = copy("no_step")
+    state = checkpoint.load(no_step / checkpoint.STATE)
+    meta = state.meta
+    del meta["step"]
+    tensors = {f"adapter.{k}": v for k, v in state.adapter.items()}
+    tensors.update({f"optimizer.{k}": v for k, v in state.optimizer.items()})
+    mx.save_safetensors(str(no_step / checkpoint.STATE), tensors, {"smoa_mlx_training_state": json.dumps(meta)})
+    bad_json = copy("bad_json")
+    mx.save_safetensors(str(bad_json / checkpoint.STATE), tensors, {"smoa_mlx_training_state": "{not json"})
+    foreign = copy("foreign")
+    mx.save_safetensors(str(foreign / checkpoint.STATE), tensors)
+    short_adapter = copy("short_adapter")
+    data = (short_adapter / "adapters.safetensors").read_bytes()
+    (short_adapter / "adapters.safetensors").write_bytes(data[:100])
+    cases = {
+        truncated: {"resume": True}, no_step: {"resume": True}, bad_json: {"resume": True},
+        foreign: {"resume": True},
+        short_adapter: {"resume_adapter_file": str(short_adapter / "adapters.safetensors")},
+    }
+    messages = {truncated: "not a readable safetensors file", no_step: "metadata has no 'step'",
+                bad_json: "damaged training state metadata", foreign: "not a smoa_mlx training state",
+                short_adapter: "not a readable safetensors file"}
+    for d, flags in cases.items():
+        with pytest.raises(ValueError, match=messages[d]) as e:
+            train({**opts(tiny_model_dir, arith, d), **flags})
+        assert "\n" not in str(e.value) and str(d) in str(e.value), d
+    # and through the command line: one line, exit 1
+    proc = subprocess.run([sys.executable, "-m", "smoa_mlx.train", "--adapter-path", str(no_step), "--resume"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = [x for x in proc.stderr.splitlines() if not x.startswith("warning:")]
+    assert proc.returncode == 1 and len(lines) == 1 and "metadata has no 'step'" in lines[0], proc.stderr
+    # a half-written metrics line (a kill mid-append) does not stop a resume
+    partial = copy("partial_metrics")
+    with open(partial / checkpoint.METRICS, "a") as f:
+        f.write('{"type": "train", "st')
+    assert train({"adapter_path": str(partial), "resume": True, "iters": 5})["steps"] == 5
+
+
+# ---------------------------------------------------------------- progress and the default model
+
+
+def test_validation_and_test_show_progress_on_rank_0_only(tiny_model_dir, arith, tmp_path, monkeypatch, capsys):
+    import smoa_mlx.trainer as trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_SECONDS", 0.0)  # a log line after every batch
+    train(opts(tiny_model_dir, arith, tmp_path / "a", iters=1, batch_size=2, test=True))
+    out = capsys.readouterr().out
+    assert "Validating: 1/4 batches" in out and "Validating: 4/4 batches" in out
+    assert "Testing: 4/4 batches" in out
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: tqdm
+    train({**opts(tiny_model_dir, arith, tmp_path / "b", batch_size=2), "train": False, "test": True,
+           "adapter_path": str(tmp_path / "a")})
+    captured = capsys.readouterr()
+    assert "Testing:" in captured.err and "/4 [" in captured.err and "Testing:" not in captured.out
+    monkeypatch.setattr(Distributed, "main", property(lambda self: False))
+    train(opts(tiny_model_dir, arith, tmp_path / "c", iters=1, batch_size=2))
+    assert capsys.readouterr() == ("", "")
+
+
+def test_default_model_run_says_how_to_train_a_real_one(tiny_model_dir, arith, tmp_path, monkeypatch, capsys):
+    import smoa_mlx.train as train_module
+    from smoa_mlx.options import BUNDLED_MODEL, REAL_MODEL, TrainOptions
+
+    assert TrainOptions().model == str(BUNDLED_MODEL) and BUNDLED_MODEL.name == "stories260K"
+    assert "a real one: mlx-community/Llama-3.2-1B" in " ".join(build_parser().format_help().split())
+    monkeypatch.setattr(train_module, "BUNDLED_MODEL", tiny_model_dir)  # stands in for it
+    train(opts(tiny_model_dir, arith, tmp_path / "a", iters=1))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"Adapter saved in {tmp_path / 'a'}. That was the tiny bundled model (a smoke "
+                    f"test); to fine-tune a real one: python -m smoa_mlx.train --model {REAL_MODEL}")
