@@ -4,7 +4,8 @@ checks, the resume rules and the validation are all derived from it.
 
 Precedence: flags (or keys of a `train({...})` dict) > the YAML config > the resumed
 run's options > the defaults. A YAML file may also be an `mlx_lm.lora` config: its own
-keys (`fine_tune_type`, `lora_parameters`, ...) map to SMoA's as in `MLX_LM_KEYS`.
+keys (`fine_tune_type`, `lora_parameters`, ...) map to SMoA's (README: "mlx-lm config
+files" has the table).
 """
 
 from __future__ import annotations
@@ -262,19 +263,6 @@ def _coerce(key: str, value, where: str):
     return value
 
 
-# mlx_lm.lora config keys that are not SMoA option names, and what each becomes here.
-# (Keys with the same name and meaning, iters to seed, are read as they are.)
-MLX_LM_KEYS = {
-    "fine_tune_type": "method: smoa, hira or lora (mlx-lm's dora and full are refused)",
-    "lora_parameters.keys": "targets (layer-relative names like self_attn.q_proj match)",
-    "lora_parameters.rank": "rank: the total rank budget, split over the SMoA blocks",
-    "lora_parameters.scale": "alpha = scale * rank (scale = alpha / rank, as in mlx-lm)",
-    "lora_parameters.dropout": "dropout",
-    "training_mode": "normal only (dpo is refused)",
-    "report_to / project_name": "null only: metrics go to <adapter_path>/metrics.jsonl",
-}
-
-
 def _from_mlx_lm(data: dict, where: str) -> dict:
     """Translate mlx_lm.lora's own keys into option names; refuse what SMoA cannot do."""
     out = dict(data)
@@ -324,7 +312,7 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
 
 def load_config(path) -> dict:
     """A YAML options file: keys are option names (underscores or dashes), checked like
-    flags; an mlx_lm.lora config works too (`MLX_LM_KEYS`)."""
+    flags; an mlx_lm.lora config works too (`_from_mlx_lm`)."""
     import yaml
 
     path = Path(path)
@@ -459,9 +447,3 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
     if not math.isfinite(o.learning_rate):
         raise ConfigError(f"--learning-rate must be finite, got {o.learning_rate}")
     return o, resume
-
-
-def key_table() -> str:
-    """The README's table of mlx_lm.lora config keys (kept in step with the code)."""
-    rows = [f"| `{k}` | {v} |" for k, v in MLX_LM_KEYS.items()]
-    return "\n".join(["| mlx_lm.lora key | here |", "|---|---|", *rows])
