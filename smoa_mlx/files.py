@@ -1,9 +1,11 @@
-"""Safe file I/O: atomic writes, and loading only safetensors and JSON (never pickle)."""
+"""Safe file I/O: atomic writes and staged directories, and loading only safetensors and JSON (never pickle)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,3 +55,37 @@ def load_safetensors(path) -> dict[str, mx.array]:
         return mx.load(str(path))
     except Exception as e:  # MLX reports a corrupt file deep inside its loader
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+@contextmanager
+def staged_dir(out):
+    """Yield an empty hidden sibling of `out`; on success it replaces `out` in one rename.
+
+    An existing `out` is replaced only if it holds nothing the new output would not
+    (so a stray file, or the wrong directory, is never deleted); on any error `out`
+    is left untouched.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            stray = sorted(set(os.listdir(out)) - set(os.listdir(tmp)))
+            if stray:
+                raise ValueError(
+                    f"{out}: holds {stray[0]}, which this command would not write; "
+                    "choose a new or empty output directory"
+                )
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,9 @@ import shutil
 from mlx.utils import tree_unflatten
 
 from .cli import run
-from .convert import load_base
-from .convert.names import check_model_type
-from .convert.peft_io import staged_dir
-from .files import read_json, write_json
+from .convert.base import load_base
+from .files import read_json, staged_dir, write_json
+from .layouts.names import check_model_type
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters import CONFIG, load_adapter
-from ..files import read_json
+from ..adapters import CONFIG
+from ..files import read_json, staged_dir
+from ..layouts.names import check_model_type
+from ..layouts.peft_io import read_peft_dir
 from . import hira, lora, parity, smoa
-from .names import check_model_type
-from .peft_io import read_peft_dir, staged_dir
+from .base import load_base, local_dir
 
 # format -> (peft_type, import function, export function)
 FORMATS = {
@@ -23,25 +24,6 @@ FORMATS = {
     "hira": (hira.PEFT_TYPE, hira.import_hira, hira.export_hira),
     "lora": (lora.PEFT_TYPE, lora.import_lora, lora.export_lora),
 }
-
-
-def local_dir(path_or_repo: str) -> Path:
-    """The local directory of a model path or an already downloaded Hugging Face repo."""
-    from mlx_lm.utils import hf_repo_to_path
-
-    path = Path(path_or_repo)
-    return path if path.exists() else hf_repo_to_path(path_or_repo)
-
-
-def load_base(model: str, adapter_path=None):
-    """(mlx-lm model with the adapter if given, tokenizer, config, local model dir)."""
-    from mlx_lm.utils import load
-
-    mlx_model, tokenizer, config = load(model, return_config=True)
-    if adapter_path is not None:
-        load_adapter(mlx_model, adapter_path)
-    mlx_model.eval()
-    return mlx_model, tokenizer, config, local_dir(model)
 
 
 def _format(fmt: str):

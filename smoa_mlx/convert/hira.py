@@ -14,8 +14,9 @@ import numpy as np
 
 from ..adapters import save_adapter, smoa_config
 from ..patch import apply_smoa, smoa_layers
-from .names import linear_shapes, pattern_value, peft_key, select_targets, target_modules
-from .peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir
+from ..layouts.names import pattern_value, peft_key, select_targets, target_modules
+from ..layouts.peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir
+from .base import linear_shapes
 
 PEFT_TYPE = "HIRA"
 

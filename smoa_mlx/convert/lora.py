@@ -24,8 +24,9 @@ import numpy as np
 from ..adapters import smoa_config
 from ..files import write_json
 from ..patch import smoa_layers
-from .names import linear_shapes, pattern_value, peft_key, select_targets, target_modules
-from .peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir, write_tensors
+from ..layouts.names import pattern_value, peft_key, select_targets, target_modules
+from ..layouts.peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir, write_tensors
+from .base import linear_shapes
 
 PEFT_TYPE = "LORA"
 UNSUPPORTED = {

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..files import read_json
 from ..layer import base_weight
-from .names import PEFT_PREFIX, hf_path
+from ..layouts.names import PEFT_PREFIX, hf_path
 
 PROBE_TOKENS = 24
 PROBE_ROWS = 8

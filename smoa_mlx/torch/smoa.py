@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.names import check_model_type, hf_path, mlx_path
-from ..convert.peft_io import read_peft_dir
-from ..convert.smoa import ORDERS, PEFT_TYPE, plan_orders, read_smoa
+from ..layouts.names import check_model_type, hf_path, mlx_path
+from ..layouts.peft_io import read_peft_dir
+from ..layouts.smoa import ORDERS, PEFT_TYPE, plan_orders, read_smoa
 
 
 def _tensor(x, dtype, device) -> torch.Tensor:

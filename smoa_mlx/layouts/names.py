@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 
-import mlx.nn as nn
-
 PEFT_PREFIX = "base_model.model."
 # mlx-lm model types whose module and parameter names equal the transformers ones.
 SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3")
@@ -39,23 +37,9 @@ def peft_key(path: str, leaf: str) -> str:
     return f"{PEFT_PREFIX}{hf_path(path)}.{leaf}"
 
 
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every plain or quantized linear layer, without de-quantizing.
-
-    A layer wrapped by an adapter (SMoA, LoRA: `wrapper.linear`) is listed under the
-    wrapper's path, the module path the adapter files use.
-    """
-    modules = dict(model.named_modules())
-    shapes = {}
-    for path, m in modules.items():
-        parent, _, name = path.rpartition(".")
-        if name == "linear" and hasattr(modules.get(parent), "fuse"):
-            path = parent
-        if isinstance(m, nn.QuantizedLinear):
-            shapes[path] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
-        elif isinstance(m, nn.Linear):
-            shapes[path] = tuple(m.weight.shape)
-    return shapes
+def natural_key(path: str):
+    """Sort key putting `layers.10` after `layers.9`."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
 def _layer_index(path: str, pattern) -> int | None:

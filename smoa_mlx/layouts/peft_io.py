@@ -1,16 +1,12 @@
-"""PEFT-style adapter directories on disk, and outputs that are never half-written.
+"""PEFT-style adapter directories on disk (`adapter_config.json` + `adapter_model.safetensors`).
 
-Only `adapter_config.json` and `*.safetensors` are read; a pickle checkpoint
-(`adapter_model.bin`, what older PEFT versions save) is refused with the one-line
-command that converts it. Every output directory is built in a hidden sibling
-and renamed into place once complete.
+Only JSON and safetensors are read; a pickle checkpoint (`adapter_model.bin`,
+what older PEFT versions and the authors' `save_pretrained` write) is refused
+with the one-line command that converts it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,37 +117,3 @@ def write_peft_dir(out_dir: Path, config: dict, tensors: dict, extra: dict | Non
     for name, more in (extra or {}).items():
         write_tensors(out_dir / name, more)
     write_json(out_dir / CONFIG, config)
-
-
-@contextmanager
-def staged_dir(out):
-    """Yield an empty hidden sibling of `out`; on success it replaces `out` in one rename.
-
-    An existing `out` is replaced only if it holds nothing the new output would not
-    (so a stray file, or the wrong directory, is never deleted); on any error `out`
-    is left untouched.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            stray = sorted(set(os.listdir(out)) - set(os.listdir(tmp)))
-            if stray:
-                raise ValueError(
-                    f"{out}: holds {stray[0]}, which this command would not write; "
-                    "choose a new or empty output directory"
-                )
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
