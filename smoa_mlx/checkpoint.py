@@ -23,8 +23,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .adapters import CONFIG, WEIGHTS, adapter_tensors, check_tensors
+from .adapters import CONFIG, WEIGHTS, adapter_tensors
 from .files import atomic_write, load_safetensors, save_safetensors, write_json
+from .layouts.tensors import check_tensors
 
 STATE = "training_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -147,7 +148,8 @@ def smoa_orders(tensors: dict[str, mx.array]) -> dict:
 
 def load_into(model: nn.Module, method: str, tensors: dict[str, mx.array], where) -> None:
     """Load adapter tensors into an adapted model, naming any tensor that does not fit."""
-    check_tensors(model_adapter(model, method), tensors, where, f" for --method {method} here")
+    expected = {k: v.shape for k, v in model_adapter(model, method).items()}
+    check_tensors(tensors, expected, where, unexpected=f" for --method {method} here")
     model.load_weights(list(tensors.items()), strict=False)
     mx.eval(model.parameters())
 

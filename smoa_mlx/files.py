@@ -10,6 +10,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import AdapterError, ConfigError, MissingFileError, SMoAError
+
 
 def atomic_write(path, write) -> Path:
     """Call `write(tmp_path)` on a temp file beside `path`, then rename it into place.
@@ -35,26 +37,37 @@ def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> Path:
     return atomic_write(path, lambda t: mx.save_safetensors(str(t), arrays, metadata or {}))
 
 
-def read_json(path) -> dict:
+def read_json(path):
+    """The JSON value in `path`; a missing or unparsable file is one line naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_config(path) -> dict:
+    """A JSON config file (adapter, PEFT, model), which must hold an object."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def load_safetensors(path) -> dict[str, mx.array]:
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors files are loaded (never pickles)")
+        raise AdapterError(f"{path}: only .safetensors files are loaded (never pickles)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingFileError(f"{path}: file not found")
     try:
         return mx.load(str(path))
     except Exception as e:  # MLX reports a corrupt file deep inside its loader
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 @contextmanager
@@ -67,7 +80,7 @@ def staged_dir(out):
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
+        raise SMoAError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +91,7 @@ def staged_dir(out):
         if out.exists():
             stray = sorted(set(os.listdir(out)) - set(os.listdir(tmp)))
             if stray:
-                raise ValueError(
+                raise SMoAError(
                     f"{out}: holds {stray[0]}, which this command would not write; "
                     "choose a new or empty output directory"
                 )

@@ -325,9 +325,9 @@ KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.0.weight"
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", f"missing key {KEY}"),
-    ("extra", "unexpected key base_model.model.model.layers.0.self_attn.o_proj.lora_A.0.weight"),
-    ("shape", f"key {KEY} has shape (2, 31), expected (2, 32)"),
+    ("missing", f"missing tensor {KEY}"),
+    ("extra", "unexpected tensor base_model.model.model.layers.0.self_attn.o_proj.lora_A.0.weight"),
+    ("shape", f"tensor {KEY} has shape (2, 31), expected (2, 32)"),
     ("peft_type", "peft_type is 'SMOA', expected 'LORA'"),
     ("pickle", "pickle checkpoints are refused"),
     ("pickle_file", "pickle checkpoints are refused"),

@@ -17,8 +17,10 @@ import numpy as np
 
 from ..plan import split_rank, split_sizes
 from ..plan_cache import cached_plan
-from .names import peft_key, select_targets
-from .peft_io import PeftDir, check_tensors, read_tensors, refuse_options
+from ..errors import AdapterError, ConfigError
+from .names import peft_key
+from .peft_io import PeftDir
+from .tensors import check_tensors, read_tensors
 
 PEFT_TYPE = "SMOA"
 ORDERS = "smoa_orders.safetensors"
@@ -46,27 +48,27 @@ def block_key(path: str, side: str, k: int) -> str:
 
 def read_smoa(peft: PeftDir, shapes: dict[str, tuple[int, int]]) -> SMoAAdapter:
     """Validate an authors'-layout adapter against the base's linear `shapes` and parse it."""
-    cfg, where = peft.config, peft.path / "adapter_config.json"
-    refuse_options(cfg, where, {"fan_in_fan_out": (None,), "bias": ("none", None), "modules_to_save": (None,)})
-    rank, num_blocks = int(cfg["r"]), int(cfg.get("num_blocks", 2))
+    cfg = peft.config
+    cfg.refuse({"fan_in_fan_out": (None,), "bias": ("none", None), "modules_to_save": (None,)})
+    rank, num_blocks = cfg.r, cfg.num_blocks
     try:
-        ranks = split_rank(rank, num_blocks, cfg.get("branch_ranks"))
+        ranks = split_rank(rank, num_blocks, cfg.branch_ranks)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ConfigError(f"{cfg.path}: {e}") from None
     sizes = {}  # path -> [(r_k, out_k, in_k)]
-    for path in select_targets(cfg, list(shapes), where):
+    for path in cfg.targets(list(shapes)):
         d_out, d_in = shapes[path]
         if num_blocks > min(d_out, d_in):
-            raise ValueError(f"{where}: num_blocks={num_blocks} exceeds the dimensions of {path} {shapes[path]}")
+            raise ConfigError(f"{cfg.path}: num_blocks={num_blocks} exceeds the dimensions of {path} {shapes[path]}")
         sizes[path] = list(zip(ranks, split_sizes(d_out, num_blocks), split_sizes(d_in, num_blocks)))
-    expected = {}
+    expected, why = {}, {}
     for path, per_block in sizes.items():
         for k, (r, o, i) in enumerate(per_block):
-            why = f"block {k} of {path} {shapes[path]} with r_{k}={r}"
             if r:  # the authors' layer has no parameters for a rank-0 block
-                expected[block_key(path, "A", k)] = ((r, i), why)
-                expected[block_key(path, "B", k)] = ((o, r), why)
-    check_tensors(peft.tensors, expected, peft.weights_file)
+                a, b = block_key(path, "A", k), block_key(path, "B", k)
+                expected[a], expected[b] = (r, i), (o, r)
+                why[a] = why[b] = f"block {k} of {path} {shapes[path]} with r_{k}={r}"
+    peft.check(expected, why)
     get = peft.tensors.get
     blocks = {
         path: ([get(block_key(path, "A", k), np.zeros((0, i), np.float32)) for k, (r, o, i) in enumerate(b)],
@@ -75,20 +77,21 @@ def read_smoa(peft: PeftDir, shapes: dict[str, tuple[int, int]]) -> SMoAAdapter:
     }
     orders_file = peft.path / ORDERS
     orders = _read_orders(orders_file, list(sizes), shapes) if orders_file.is_file() else None
-    return SMoAAdapter(rank, num_blocks, ranks, float(cfg.get("lora_alpha", 8)),
-                       float(cfg.get("lora_dropout", 0.0)), blocks, orders)
+    return SMoAAdapter(rank, num_blocks, ranks, cfg.lora_alpha, cfg.dropout, blocks, orders)
 
 
 def _read_orders(path, paths, shapes) -> dict:
-    tensors = read_tensors(path)
-    expected = {}
+    tensors, _ = read_tensors(path)
+    expected, why = {}, {}
     for p in paths:
-        expected[peft_key(p, "row_order")] = ((shapes[p][0],), f"d_out of {p}")
-        expected[peft_key(p, "col_order")] = ((shapes[p][1],), f"d_in of {p}")
-    check_tensors(tensors, expected, path)
+        rows, cols = peft_key(p, "row_order"), peft_key(p, "col_order")
+        expected[rows], expected[cols] = (shapes[p][0],), (shapes[p][1],)
+        why[rows], why[cols] = f"d_out of {p}", f"d_in of {p}"
+    check_tensors(tensors, expected, path, why)
     for key in expected:
-        if not np.array_equal(np.sort(tensors[key]), np.arange(len(tensors[key]))):
-            raise ValueError(f"{path}: {key} is not a permutation")
+        t = tensors[key]
+        if t.dtype.kind != "i" or not np.array_equal(np.sort(t), np.arange(len(t))):
+            raise AdapterError(f"{path}: {key} is not a permutation of integer indices")
     return {p: (tensors[peft_key(p, "row_order")], tensors[peft_key(p, "col_order")]) for p in paths}
 
 
