@@ -17,7 +17,9 @@ from mlx.utils import tree_unflatten
 
 from .cli import run
 from .convert.base import load_base
+from .errors import AdapterError
 from .files import read_json, staged_dir, write_json
+from .layer import adapter_layers
 from .layouts.names import check_model_type
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
@@ -25,7 +27,7 @@ QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 def fuse_layers(model, dequantize: bool = False) -> int:
     """Replace every adapter layer of `model` by its merged plain layer; returns how many."""
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in adapter_layers(model).items()]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
@@ -41,7 +43,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     dequantize = dequantize or hf
     count = fuse_layers(mlx_model, dequantize)
     if count == 0:
-        raise ValueError(f"{adapter_path}: the adapter has no layers to fuse")
+        raise AdapterError(f"{adapter_path}: the adapter has no layers to fuse")
     if dequantize:
         mlx_model = dequantize_model(mlx_model)
     with staged_dir(save_path) as tmp:

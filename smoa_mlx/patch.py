@@ -8,7 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import get_total_parameters
 
-from .layer import SMoALinear
+from .layer import SMoALinear, adapter_layers
 from .layouts.names import natural_key
 
 # The authors' default targets (SPEC §1).
@@ -102,8 +102,7 @@ def apply_smoa(
 
 
 def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, SMoALinear)}
-    return {p: layers[p] for p in sorted(layers, key=natural_key)}
+    return adapter_layers(model, SMoALinear)
 
 
 def summarize(model: nn.Module) -> dict:

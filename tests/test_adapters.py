@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import smoa_mlx
-import smoa_mlx.layer
+import smoa_mlx.plan_cache
 from smoa_mlx.adapters import load_adapter, save_adapter, smoa_config
 from smoa_mlx.patch import apply_smoa, smoa_layers
 from smoa_mlx.synthetic import make_llama
@@ -76,7 +76,8 @@ def test_round_trip_is_exact(model_dir, tmp_path, monkeypatch):
     def no_plan(*args, **kwargs):
         raise AssertionError("loading an adapter must not compute a spectral plan")
 
-    monkeypatch.setattr(smoa_mlx.layer, "make_plan", no_plan)
+    monkeypatch.setattr(smoa_mlx.plan_cache, "plan_from_scores", no_plan)  # cached or not
+    monkeypatch.setattr(smoa_mlx.plan_cache, "spectral_scores", no_plan)
     monkeypatch.setattr(np.linalg, "svd", no_plan)
     monkeypatch.setattr(np.linalg, "eigh", no_plan)
     fresh = load(model_dir)

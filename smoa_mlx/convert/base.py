@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..adapters import load_adapter
-from ..layer import base_weight
+from ..layer import adapter_layers, base_weight
 
 
 def local_dir(path_or_repo: str) -> Path:
@@ -37,12 +37,10 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     A layer wrapped by an adapter (SMoA, LoRA: `wrapper.linear`) is listed under the
     wrapper's path, the module path the adapter files use.
     """
-    modules = dict(model.named_modules())
+    wrapped = {f"{p}.linear": p for p, m in adapter_layers(model).items()}
     shapes = {}
-    for path, m in modules.items():
-        parent, _, name = path.rpartition(".")
-        if name == "linear" and hasattr(modules.get(parent), "fuse"):
-            path = parent
+    for path, m in model.named_modules():
+        path = wrapped.get(path, path)
         if isinstance(m, nn.QuantizedLinear):
             shapes[path] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
         elif isinstance(m, nn.Linear):

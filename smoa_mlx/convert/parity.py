@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..files import read_json
-from ..layer import base_weight
+from ..layer import adapter_layers, base_weight
 from ..layouts.names import PEFT_PREFIX, hf_path
 
 PROBE_TOKENS = 24
@@ -44,11 +44,6 @@ def skip_reason(fmt: str, model_dir) -> str | None:
     if "quantization" in config or "quantization_config" in config:
         return "the base model is quantized; transformers needs the float checkpoint"
     return None
-
-
-def adapted_modules(model) -> dict:
-    """Every adapter layer (SMoA, mlx-lm LoRA) of an MLX model: modules wrapping a `.linear`."""
-    return {p: m for p, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "linear")}
 
 
 def mlx_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -89,7 +84,7 @@ def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
     prefix = "" if fmt == "smoa" else PEFT_PREFIX
     rng = np.random.default_rng(1)
     layers = {}
-    for path, m in adapted_modules(mlx_model).items():
+    for path, m in adapter_layers(mlx_model).items():
         w0 = np.array(base_weight(m.linear).astype(mx.float32), np.float64)
         x = rng.standard_normal((PROBE_ROWS, w0.shape[1])).astype(np.float32)
         y_mlx = np.array(m(mx.array(x)).astype(mx.float32))
