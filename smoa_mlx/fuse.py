@@ -16,11 +16,11 @@ import shutil
 from mlx.utils import tree_unflatten
 
 from .cli import run
-from .convert.base import load_base
 from .errors import AdapterError
-from .files import read_json, staged_dir, write_json
+from .files import read_config, staged_dir, write_json
 from .layer import adapter_layers
 from .layouts.names import check_model_type
+from .loader import load_base
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
@@ -50,7 +50,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
         save_model(tmp, mlx_model)
         if hf:
             # The base's own config (not mlx-lm's view of it), minus MLX quantization.
-            hf_config = read_json(model_dir / "config.json")
+            hf_config = read_config(model_dir / "config.json")
             for key in QUANTIZATION_KEYS:
                 hf_config.pop(key, None)
             write_json(tmp / "config.json", hf_config)

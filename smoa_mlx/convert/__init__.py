@@ -9,14 +9,14 @@ into place, and MLX-vs-PyTorch parity is measured when PyTorch is installed.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..adapters import CONFIG
-from ..files import read_json, staged_dir
+from ..adapters import read_adapter_config
+from ..errors import AdapterError, ConfigError
+from ..files import staged_dir
 from ..layouts.names import check_model_type
 from ..layouts.peft_io import read_peft_dir
+from ..loader import load_base
+from ..loader import model_dir as local_dir
 from . import hira, lora, parity, smoa
-from .base import load_base, local_dir
 
 # format -> (peft_type, import function, export function)
 FORMATS = {
@@ -28,7 +28,7 @@ FORMATS = {
 
 def _format(fmt: str):
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[fmt]
 
 
@@ -61,9 +61,9 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
                    log=print) -> dict:
     """Write the SMoA adapter `adapter_path` (on base `model`) as a PyTorch adapter `out`."""
     _, _, exporter = _format(fmt)
-    kind = read_json(Path(adapter_path) / CONFIG).get("fine_tune_type", "lora")
+    kind = read_adapter_config(adapter_path).get("fine_tune_type", "lora")
     if kind != "smoa":
-        raise ValueError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
+        raise AdapterError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
     mlx_model, _, config, model_dir = load_base(model, adapter_path)
     check_model_type(config.get("model_type"))
     if "quantization" in config:

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..files import read_json
+from ..files import read_config
 from ..layer import adapter_layers, base_weight
 from ..layouts.names import PEFT_PREFIX, hf_path
 
@@ -40,7 +40,7 @@ def skip_reason(fmt: str, model_dir) -> str | None:
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed (pip install 'smoa-mlx[torch]')"
-    config = read_json(Path(model_dir) / "config.json")
+    config = read_config(Path(model_dir) / "config.json")
     if "quantization" in config or "quantization_config" in config:
         return "the base model is quantized; transformers needs the float checkpoint"
     return None
@@ -94,7 +94,7 @@ def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
         if "bias" in m.linear:
             update -= np.array(m.linear.bias.astype(mx.float32))
         layers[path] = float(np.max(np.abs(y_mlx - y_torch)) / max(np.max(np.abs(update)), 1e-30))
-    tokens = probe_tokens(int(read_json(Path(model_dir) / "config.json")["vocab_size"]))
+    tokens = probe_tokens(int(read_config(Path(model_dir) / "config.json")["vocab_size"]))
     logits = max_rel(mlx_logits(mlx_model, tokens), torch_logits(tmodel, tokens))
     return {"logits": logits, "layers": layers}
 
