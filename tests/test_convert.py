@@ -130,8 +130,12 @@ def authors_orders(w: torch.Tensor):
     return order(u), order(vh.T)
 
 
-def test_independent_authors_adapter_imports(base, tmp_path):
-    """An authors'-layout adapter built here, not by our exporter, imports and matches."""
+def authors_adapter(base, src, loaded_in=torch.float32):
+    """An authors'-layout adapter in `src`, built here, not by our exporter, with the orders
+    their loader computes from the base loaded in dtype `loaded_in` (bfloat16 is their
+    default), and the logits it gives (the rest of the model in float32, so only the
+    orders differ between dtypes); also how many modules' orders `make_plan` of the
+    float32 weight does not reproduce."""
     r, k_blocks, alpha = 4, 2, 8
     gen = torch.Generator().manual_seed(0)
     model = hf_model(base)
@@ -140,7 +144,7 @@ def test_independent_authors_adapter_imports(base, tmp_path):
         if name.rsplit(".", 1)[-1] not in TARGETS:
             continue
         w = mod.weight.detach()
-        rows, cols = authors_orders(w)
+        rows, cols = authors_orders(w.to(loaded_in))
         plan = make_plan(w.numpy(), k_blocks)
         differ += not (np.array_equal(plan.row_order, rows.numpy()) and np.array_equal(plan.col_order, cols.numpy()))
         delta = torch.zeros_like(w)
@@ -151,7 +155,6 @@ def test_independent_authors_adapter_imports(base, tmp_path):
             tensors_out[f"base_model.model.{name}.lora_B.{k}.weight"] = b
             delta[ri[:, None], ci[None, :]] = (b @ a) * w[ri][:, ci] * (alpha / r)
         deltas[name] = delta
-    src = tmp_path / "authors"
     src.mkdir()
     safetensors_torch.save_file(tensors_out, str(src / "adapter_model.safetensors"))
     (src / "adapter_config.json").write_text(json.dumps({
@@ -164,14 +167,50 @@ def test_independent_authors_adapter_imports(base, tmp_path):
     reference = torch_logits(model)
     for h in hooks:
         h.remove()
+    return reference, differ, len(deltas)
 
+
+def test_independent_authors_adapter_imports(base, tmp_path):
+    """An authors'-layout adapter built here, not by our exporter, imports and matches."""
+    src = tmp_path / "authors"
+    reference, differ, n = authors_adapter(base, src)
     report = import_adapter("smoa", base, src, tmp_path / "mlx", measure_parity=False)
-    print(f"\n{base}: authors' float32-SVD orders differ from make_plan in {differ}/{len(deltas)} modules; "
+    print(f"\n{base}: authors' float32-SVD orders differ from make_plan in {differ}/{n} modules; "
           f"boundary gap {report['boundary_gap']:.3g}, within-order gap {report['order_gap']:.3g}, "
           f"{len(report['at_risk'])} modules flagged as near-ties")
     assert differ == 0, "make_plan disagrees with the authors' float32 SVD on this base"
     assert_parity(base, "authors' layout import, logits vs independent torch reference",
                   mlx_logits(base, tmp_path / "mlx"), reference)
+
+
+def test_authors_bfloat16_orders_need_plan_dtype(base, tmp_path, capsys):
+    """The authors' loader loads the base in bfloat16 by default and plans from the rounded
+    weight: such an adapter matches its logits when imported with plan_dtype="bfloat16"
+    and not without; exporting it back says which loader dtype would agree."""
+    src = tmp_path / "authors"
+    reference, differ, n = authors_adapter(base, src, loaded_in=torch.bfloat16)
+    assert differ > 0, "bfloat16 rounding changes no order on this base: the test would prove nothing"
+    import_adapter("smoa", base, src, tmp_path / "mlx16", measure_parity=False, plan_dtype="bfloat16")
+    with capsys.disabled():
+        assert_parity(base, "authors' bfloat16-planned adapter, import with plan_dtype=bfloat16",
+                      mlx_logits(base, tmp_path / "mlx16"), reference)
+    import_adapter("smoa", base, src, tmp_path / "mlx32", measure_parity=False)
+    wrong = rel(mlx_logits(base, tmp_path / "mlx32"), reference)
+    with capsys.disabled():
+        record(base, "authors' bfloat16-planned adapter, import without plan_dtype", wrong)
+        print(f"\n{base}: bfloat16 orders differ from float32 make_plan in {differ}/{n} modules; "
+              f"logit error without plan_dtype {wrong:.3g}")
+    assert wrong > 100 * TOL
+    assert json.loads((tmp_path / "mlx16" / "adapter_config.json").read_text())["plan_dtype"] == "bfloat16"
+
+    capsys.readouterr()
+    report = export_adapter("smoa", base, tmp_path / "mlx16", tmp_path / "pt", measure_parity=False)
+    assert report["bfloat16_orders_differ"] == [] and len(report["recomputed_orders_differ"]) == differ
+    assert "loading the base in bfloat16 (torch_dtype=torch.bfloat16) it recomputes the saved orders" in \
+        capsys.readouterr().out
+    model = hf_model(base)
+    apply_adapter(model, tmp_path / "pt")  # reads smoa_orders.safetensors: no recomputation at all
+    assert rel(torch_logits(model), reference) < TOL
 
 
 def test_recomputed_orders_come_from_the_training_plan(tiny_model_dir, tmp_path, monkeypatch):
@@ -275,6 +314,28 @@ def test_real_peft_lora_imports(base, tmp_path):
     assert set(config["lora_parameters"]["keys"]) == peft_modules
     assert_parity(base, "peft LoraConfig import, logits vs peft",
                   mlx_logits(base, tmp_path / "mlx"), torch_logits(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_any_float_dtype_is_cast_to_float32_with_a_note(dtype, tiny_model_dir, tmp_path, capsys):
+    """PEFT saves adapters in the dtype they trained in; import casts to float32 and says so.
+    The values are those of the saved tensors (float64 -> float32 rounds, the rest is exact)."""
+    base = str(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(hf_model(base), cfg).save_pretrained(str(tmp_path / "pt"))
+    weights = tmp_path / "pt" / "adapter_model.safetensors"
+    saved = {k: v.to(dtype) for k, v in safetensors_torch.load_file(str(weights)).items()}
+    safetensors_torch.save_file(saved, str(weights))
+    import_adapter("lora", base, tmp_path / "pt", tmp_path / "mlx", measure_parity=False)
+    name = {torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    assert f"holds {name} tensors; cast to float32" in capsys.readouterr().out
+    got = tensors(tmp_path / "mlx" / "adapters.safetensors")
+    for key, value in saved.items():
+        path, leaf = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        mine = got[f"{path}.lora_{leaf[0].lower()}"]
+        assert mine.dtype == np.float32
+        np.testing.assert_array_equal(mine, value.float().numpy().T)
 
 
 # ---------------------------------------------------------------- command line and bad input

@@ -32,28 +32,39 @@ def _format(fmt: str):
     return FORMATS[fmt]
 
 
-def _parity(fmt, model_dir, mlx_model, torch_adapter, log):
+def _parity(fmt, model_dir, mlx_model, torch_adapter, log, plan_dtype=None):
     reason = parity.skip_reason(fmt, model_dir)
     if reason:
         log(f"parity: skipped ({reason})")
         return None
-    result = parity.measure(fmt, model_dir, mlx_model, torch_adapter)
+    result = parity.measure(fmt, model_dir, mlx_model, torch_adapter, plan_dtype)
     log(parity.describe(result))
     return result
 
 
-def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, log=print) -> dict:
-    """Convert the PyTorch adapter in `src` (trained on `model`) into the MLX adapter `out`."""
+def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, log=print,
+                   plan_dtype: str | None = None) -> dict:
+    """Convert the PyTorch adapter in `src` (trained on `model`) into the MLX adapter `out`.
+
+    `plan_dtype` (smoa only): recompute missing orders from the base weight rounded to
+    "bfloat16" or "float16", as the authors' loader does with the base in that dtype.
+    """
     peft_type, importer, _ = _format(fmt)
+    if plan_dtype is not None and fmt != "smoa":
+        raise ConfigError("--plan-dtype applies to --format smoa only")
     peft = read_peft_dir(src, peft_type)
+    note = peft.cast_note()
+    if note:
+        log(note)
     mlx_model, _, config, model_dir = load_base(model)
     check_model_type(config.get("model_type"))
+    extra = {"plan_dtype": plan_dtype} if plan_dtype else {}
     with staged_dir(out) as tmp:
-        report = importer(mlx_model, peft, model, tmp, log=log)
+        report = importer(mlx_model, peft, model, tmp, log=log, **extra)
     log(f"wrote MLX adapter {out} ({fmt} from {src})")
     if measure_parity:
         adapted, _, _, _ = load_base(model, out)
-        report["parity"] = _parity(fmt, model_dir, adapted, src, log)
+        report["parity"] = _parity(fmt, model_dir, adapted, src, log, plan_dtype)
     return report
 
 

@@ -26,8 +26,15 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def float32_weights(model, paths) -> dict[str, np.ndarray]:
-    """The frozen base weights at `paths` (unwrapping adapter layers) as float32."""
+def float32_weights(model, paths, rounded_to: str | None = None) -> dict[str, np.ndarray]:
+    """The frozen base weights at `paths` (unwrapping adapter layers) as float32, first
+    rounded to the dtype named `rounded_to` if given ("bfloat16": what a PyTorch loader
+    that loads the base in bfloat16 plans from)."""
     modules = dict(model.named_modules())
-    return {p: np.array(base_weight(getattr(modules[p], "linear", modules[p])).astype(mx.float32))
-            for p in paths}
+    out = {}
+    for p in paths:
+        w = base_weight(getattr(modules[p], "linear", modules[p]))
+        if rounded_to is not None:
+            w = w.astype(getattr(mx, rounded_to))
+        out[p] = np.array(w.astype(mx.float32))
+    return out

@@ -50,7 +50,7 @@ def mlx_logits(model, tokens: np.ndarray) -> np.ndarray:
     return np.array(model(mx.array(tokens)).astype(mx.float32))
 
 
-def torch_model(fmt: str, model_dir, torch_adapter):
+def torch_model(fmt: str, model_dir, torch_adapter, plan_dtype=None):
     """The transformers model in float32 with the PyTorch adapter applied (unmerged)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -62,7 +62,7 @@ def torch_model(fmt: str, model_dir, torch_adapter):
         if fmt == "smoa":
             from ..torch import apply_adapter
 
-            apply_adapter(model, torch_adapter)
+            apply_adapter(model, torch_adapter, plan_dtype)
             return model
         from peft import PeftModel
 
@@ -76,11 +76,11 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(tokens)).logits.float().numpy()
 
 
-def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
+def measure(fmt: str, model_dir, mlx_model, torch_adapter, plan_dtype=None) -> dict:
     """Max relative error of the logits and, per adapted module, of its output."""
     import torch
 
-    tmodel = torch_model(fmt, model_dir, torch_adapter)
+    tmodel = torch_model(fmt, model_dir, torch_adapter, plan_dtype)
     prefix = "" if fmt == "smoa" else PEFT_PREFIX
     rng = np.random.default_rng(1)
     layers = {}

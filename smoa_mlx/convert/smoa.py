@@ -1,8 +1,11 @@
 """The authors' SMoA layout (SPEC §2.1) <-> MLX SMoA adapters.
 
-Import recomputes the orders when the files carry none (`layouts.smoa`); export
-writes them to `smoa_orders.safetensors`, which the authors' loader never opens,
-and says whether that loader, recomputing, would agree.
+Import recomputes the orders when the files carry none (`layouts.smoa`), from the
+base weight as stored or, with `plan_dtype`, rounded to bfloat16/float16 first: the
+authors' loader loads the base in bfloat16 by default and plans from that rounded
+weight, so a float32 checkpoint gets other orders there. Export writes the orders
+to `smoa_orders.safetensors`, which that loader never opens, and says whether it,
+recomputing from the base loaded in float32 or in bfloat16, would agree.
 """
 
 from __future__ import annotations
@@ -18,19 +21,31 @@ from ..patch import apply_smoa, smoa_layers
 from .base import float32_weights, linear_shapes
 
 
-def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
-    """Patch `model` with the adapter in `peft` and write it as an MLX adapter into `out_dir`."""
+# The dtypes the authors' loader loads the base in: bfloat16 is its default.
+LOADER_DTYPES = ("float32", "bfloat16")
+
+
+def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print, plan_dtype: str | None = None) -> dict:
+    """Patch `model` with the adapter in `peft` and write it as an MLX adapter into `out_dir`.
+
+    `plan_dtype` ("bfloat16", "float16"): recompute the orders from the base weight
+    rounded to it, as the authors' loader does when it loads the base in that dtype.
+    """
     adapter = read_smoa(peft, linear_shapes(model))
     report = {}
     orders = adapter.orders
+    extra = {"plan_dtype": plan_dtype} if plan_dtype and orders is None else {}
     if orders is None:
-        orders, gaps = plan_orders(float32_weights(model, adapter.blocks), adapter.num_blocks)
+        weights = float32_weights(model, adapter.blocks, plan_dtype)
+        orders, gaps = plan_orders(weights, adapter.num_blocks)
         report.update(boundary_gap=gaps["boundary_gap"][0], order_gap=gaps["order_gap"][0],
                       at_risk=gaps["at_risk"])
-        log(f"orders recomputed from the base weights (the authors' files carry none): "
+        source = f"rounded to {plan_dtype}" if plan_dtype else "as stored"
+        log(f"orders recomputed from the base weights {source} (the authors' files carry none): "
             f"{describe_gaps(gaps, len(orders))}")
     else:
-        log(f"orders read from {peft.path / ORDERS}")
+        log(f"orders read from {peft.path / ORDERS}"
+            + (f" (--plan-dtype {plan_dtype} does not apply)" if plan_dtype else ""))
     apply_smoa(
         model, keys=list(adapter.blocks), rank=adapter.rank, num_blocks=adapter.num_blocks,
         alpha=adapter.alpha, dropout=adapter.dropout, branch_ranks=adapter.branch_ranks,
@@ -40,7 +55,7 @@ def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
         a, b = adapter.blocks[path]
         layer.smoa_a = [mx.array(x) for x in a]
         layer.smoa_b = [mx.array(x) for x in b]
-    save_adapter(model, out_dir, smoa_config(model, base_model=base, converted_from=str(peft.path)))
+    save_adapter(model, out_dir, smoa_config(model, base_model=base, converted_from=str(peft.path), **extra))
     return report
 
 
@@ -79,16 +94,26 @@ def export_smoa(model, base: str, out_dir, log=print) -> dict:
         "inference_mode": True,
     }
     write_peft_dir(out_dir, config, tensors, {ORDERS: orders})
-    # The authors' loader ignores ORDERS and recomputes: say whether it would agree.
-    planned, gaps = plan_orders(float32_weights(model, layers), params["num_blocks"])
-    differ = [p for p, m in layers.items()
-              if not (np.array_equal(planned[p][0], np.array(m.row_order))
-                      and np.array_equal(planned[p][1], np.array(m.col_order)))]
+    # The authors' loader ignores ORDERS and recomputes from the base in the dtype it loads
+    # it in: say, for each, whether it would agree.
+    differ, gaps = {}, None
+    for dtype in LOADER_DTYPES:
+        planned, found = plan_orders(float32_weights(model, layers, dtype), params["num_blocks"])
+        gaps = gaps or found  # the float32 plan's gaps
+        differ[dtype] = [p for p, m in layers.items()
+                         if not (np.array_equal(planned[p][0], np.array(m.row_order))
+                                 and np.array_equal(planned[p][1], np.array(m.col_order)))]
     log(f"orders written to {ORDERS} (the authors' loader recomputes them instead): "
         f"{describe_gaps(gaps, len(layers))}")
-    if differ:
-        log(f"warning: for {len(differ)} module(s), e.g. {differ[0]}, the orders recomputed from this base "
-            "differ from the saved ones (adapter planned on another or quantized base?); the authors' "
-            "loader would misplace their blocks, our importer and smoa_mlx.torch use the saved orders")
+    agree = [d for d in LOADER_DTYPES if not differ[d]]
+    if len(agree) < len(LOADER_DTYPES):
+        worst = next(d for d in LOADER_DTYPES if differ[d])
+        where = (f"loading the base in {agree[0]} (torch_dtype=torch.{agree[0]}) it recomputes the saved "
+                 "orders" if agree else "it recomputes them differently in any dtype (adapter planned "
+                 "on another or quantized base?)")
+        log(f"warning: the authors' loader (which loads the base in bfloat16 by default) would misplace "
+            f"the blocks of {len(differ[worst])}/{len(layers)} modules (e.g. {differ[worst][0]}) when it "
+            f"loads the base in {worst}; {where}. Our importer and smoa_mlx.torch use the saved orders")
     return {"boundary_gap": gaps["boundary_gap"][0], "order_gap": gaps["order_gap"][0],
-            "at_risk": gaps["at_risk"], "recomputed_orders_differ": differ}
+            "at_risk": gaps["at_risk"], "recomputed_orders_differ": differ["float32"],
+            "bfloat16_orders_differ": differ["bfloat16"]}
