@@ -23,6 +23,7 @@ from .layer import base_weight
 from .layouts.fields import Fields
 from .layouts.tensors import check_tensors
 from .patch import apply_smoa, smoa_layers
+from .plan import split_rank
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
@@ -139,13 +140,18 @@ def read_adapter_config(adapter_path) -> dict:
         fields.names("modules")
         params = fields.section("smoa_parameters")
         params.require("rank", "num_blocks", "alpha")
-        params.number("rank", None, int, minimum=1)
-        params.number("num_blocks", None, int, minimum=1)
+        rank = params.number("rank", None, int, minimum=1)
+        num_blocks = params.number("num_blocks", None, int, minimum=1)
         params.number("alpha", None, float)
         params.number("dropout", 0.0, float, minimum=0)
-        params.ints("branch_ranks")
-        if not isinstance(config.get("fingerprints", {}), dict):
-            raise ConfigError(f"{path}: fingerprints must be an object, got {config['fingerprints']!r}")
+        try:
+            split_rank(rank, num_blocks, params.ints("branch_ranks"))
+        except ValueError as e:
+            raise ConfigError(f"{path}: smoa_parameters: {e}") from None
+        prints = config.get("fingerprints", {})
+        if not isinstance(prints, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in prints.values()):
+            raise ConfigError(f"{path}: fingerprints must map module paths to lists of numbers")
     elif kind != "full":
         if "fine_tune_type" not in config and "lora_parameters" not in config:
             raise ConfigError(f"{path}: fine_tune_type is missing (and the config is no mlx-lm LoRA "

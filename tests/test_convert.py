@@ -444,3 +444,86 @@ def test_output_directory_is_replaced_whole_or_not_at_all(exported, tiny_model_d
     assert code == 1 and "holds notes.txt" in res.err
     assert (out / "notes.txt").read_text() == "mine" and (out / "adapters.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging leftovers
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def config_edit(**changes):
+    def edit(src):
+        path = src / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def orders_edit(edit):
+    def change(src):
+        path = src / ORDERS
+        t = {k: v.numpy() for k, v in safetensors_torch.load_file(str(path)).items()}
+        edit(t)
+        safetensors_torch.save_file({k: torch.from_numpy(v) for k, v in t.items()}, str(path))
+    return change
+
+
+ROWS = "base_model.model.model.layers.0.self_attn.q_proj.row_order"
+WEIGHTS = "adapter_model.safetensors"
+MALFORMED = [
+    # adapter_config.json
+    (lambda s: (s / "adapter_config.json").write_text("[1, 2]"), "adapter_config.json: expected a JSON object, found a list"),
+    (lambda s: (s / "adapter_config.json").write_text('{"r": 4,\n "x": }'), "adapter_config.json:2: invalid JSON"),
+    (config_edit(peft_type=None), "adapter_config.json: peft_type is None, expected 'SMOA'"),
+    (config_edit(r=None), "adapter_config.json: r is missing"),
+    (config_edit(r="4"), "adapter_config.json: r must be an integer >= 1, got '4'"),
+    (config_edit(r=0), "adapter_config.json: r must be an integer >= 1, got 0"),
+    (config_edit(r=4.5), "adapter_config.json: r must be an integer >= 1, got 4.5"),
+    (config_edit(target_modules=5), "adapter_config.json: target_modules must be a list of module names or a regex"),
+    (config_edit(target_modules="q_proj(["), "adapter_config.json: target_modules 'q_proj([' is not a valid regex"),
+    (config_edit(target_modules=["nothing_here"]), "adapter_config.json: target_modules ['nothing_here'] match no"),
+    (config_edit(rank_pattern={"q_proj": "2"}), "adapter_config.json: rank_pattern['q_proj'] must be an integer"),
+    (config_edit(rank_pattern="q_proj"), "adapter_config.json: rank_pattern must be an object"),
+    (config_edit(alpha_pattern={"(": 2}), "adapter_config.json: alpha_pattern '(' is not a valid regex"),
+    (config_edit(lora_alpha="8"), "adapter_config.json: lora_alpha must be a number, got '8'"),
+    (config_edit(lora_dropout=-0.1), "adapter_config.json: lora_dropout must be a number >= 0"),
+    (config_edit(layers_to_transform="0"), "adapter_config.json: layers_to_transform must be a list of integers"),
+    (config_edit(num_blocks=0), "adapter_config.json: num_blocks must be an integer >= 1, got 0"),
+    (config_edit(branch_ranks=[3, 3]), "adapter_config.json: branch_ranks [3, 3] must have num_blocks=2"),
+    (config_edit(bias="all"), "adapter_config.json: bias='all' is not supported"),
+    # adapter_model.safetensors
+    (lambda s: (s / WEIGHTS).write_bytes(b"abc"), f"{WEIGHTS}: not a safetensors file (header length"),
+    (lambda s: (s / WEIGHTS).write_bytes(b"\x04\0\0\0\0\0\0\0{{{{"), f"{WEIGHTS}: not a safetensors file (header is not JSON"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes([1])), f"{WEIGHTS}: not a safetensors file (header is not a JSON object)"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, b"\0")),
+     f"{WEIGHTS}: tensor t has dtype F8_E4M3"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)),
+     f"{WEIGHTS}: tensor t (F32 [4]) does not fit bytes 0-16 of the 8"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F32", "shape": "4"}})),
+     f"{WEIGHTS}: tensor t has a malformed header entry"),
+    # smoa_orders.safetensors
+    (orders_edit(lambda t: t.update({ROWS: t[ROWS].astype(np.float32)})), f"{ORDERS}: {ROWS} is not a permutation"),
+    (orders_edit(lambda t: t.update({ROWS: np.zeros_like(t[ROWS])})), f"{ORDERS}: {ROWS} is not a permutation"),
+    (orders_edit(lambda t: t.update({ROWS: t[ROWS][:5].copy()})), f"{ORDERS}: tensor {ROWS} has shape (5,), expected (64,)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED, ids=[m[1].split(": ", 1)[-1][:48] for m in MALFORMED])
+def test_malformed_peft_files_are_one_line(edit, message, exported, tiny_model_dir, tmp_path, capsys):
+    """Every file import reads: a bad one is one line naming it, exit 1, nothing written."""
+    src = tmp_path / "src"
+    shutil.copytree(exported[1], src)
+    edit(src)
+    out = tmp_path / "out"
+    code, res = cli(["import", "--format", "smoa", "--model", str(tiny_model_dir), "--src", str(src),
+                     "--out", str(out), "--no-parity"], capsys)
+    lines = [x for x in res.err.splitlines() if not x.startswith("warning:")]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {src}"), res.err
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_plan_dtype_is_for_smoa_only(exported, tiny_model_dir, tmp_path, capsys):
+    code, res = cli(["import", "--format", "lora", "--model", str(tiny_model_dir), "--src", str(exported[1]),
+                     "--out", str(tmp_path / "out"), "--plan-dtype", "bfloat16"], capsys)
+    assert code == 1 and "--plan-dtype applies to --format smoa only" in res.err
+

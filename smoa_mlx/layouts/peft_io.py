@@ -46,17 +46,13 @@ class PeftConfig:
     branch_ranks: list[int] | None  # SMoA only
 
     @classmethod
-    def parse(cls, raw, path, peft_type: str) -> "PeftConfig":
-        """Check `raw` (the JSON of `path`) for an adapter of `peft_type`."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    def parse(cls, raw: dict, path, peft_type: str) -> "PeftConfig":
+        """Check `raw` (the JSON object in `path`) for an adapter of `peft_type`."""
         found = raw.get("peft_type")
         if str(found).upper() != peft_type:
             raise ConfigError(f"{path}: peft_type is {found!r}, expected {peft_type!r}")
         f = Fields(raw, path)
-        for key in ("r", "target_modules"):
-            if not raw.get(key):
-                raise ConfigError(f"{path}: {key} is missing")
+        f.require("r", "target_modules")
         layers = raw.get("layers_to_transform")
         return cls(
             path=Path(path), raw=raw, peft_type=peft_type,
