@@ -177,18 +177,10 @@ def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint
 def restore_optimizer(optimizer, model: nn.Module, flat: dict[str, mx.array], where) -> None:
     """Put saved optimizer state (step, learning rate, moments) into `optimizer`."""
     optimizer.init(model.trainable_parameters())
-    expected = dict(tree_flatten(optimizer.state))
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise AdapterError(f"{where}: optimizer state does not fit this model/optimizer ({what})")
-    for k, v in flat.items():
-        if v.shape != expected[k].shape:
-            raise AdapterError(
-                f"{where}: optimizer tensor {k} has shape {tuple(v.shape)}, "
-                f"expected {tuple(expected[k].shape)}"
-            )
+    # Named as the state file stores them (`optimizer.<path>`), so errors name the tensor.
+    expected = {f"optimizer.{k}": v.shape for k, v in tree_flatten(optimizer.state)}
+    check_tensors({f"optimizer.{k}": v for k, v in flat.items()}, expected, where,
+                  unexpected=" (the optimizer state of another model or optimizer?)")
     optimizer.state = tree_map_with_path(lambda p, _: flat[p], optimizer.state)
     optimizer.init(model.trainable_parameters())
 

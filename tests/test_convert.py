@@ -342,9 +342,12 @@ def test_any_float_dtype_is_cast_to_float32_with_a_note(dtype, tiny_model_dir, t
 
 
 def cli(argv, capsys):
+    """(exit code, captured out/err), err without the once-per-process BLAS warning."""
     with pytest.raises(SystemExit) as e:
         run(main, argv)
-    return e.value.code, capsys.readouterr()
+    res = capsys.readouterr()
+    err = "".join(x for x in res.err.splitlines(keepends=True) if not x.startswith("warning: MLX's CPU backend"))
+    return e.value.code, type(res)(res.out, err)
 
 
 def test_help(capsys):
@@ -516,9 +519,8 @@ def test_malformed_peft_files_are_one_line(edit, message, exported, tiny_model_d
     out = tmp_path / "out"
     code, res = cli(["import", "--format", "smoa", "--model", str(tiny_model_dir), "--src", str(src),
                      "--out", str(out), "--no-parity"], capsys)
-    lines = [x for x in res.err.splitlines() if not x.startswith("warning:")]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {src}"), res.err
-    assert message in lines[0]
+    assert code == 1 and res.err.count("\n") == 1 and res.err.startswith(f"error: {src}"), res.err
+    assert message in res.err
     assert not out.exists()
 
 
@@ -527,3 +529,24 @@ def test_plan_dtype_is_for_smoa_only(exported, tiny_model_dir, tmp_path, capsys)
                      "--out", str(tmp_path / "out"), "--plan-dtype", "bfloat16"], capsys)
     assert code == 1 and "--plan-dtype applies to --format smoa only" in res.err
 
+
+
+def test_pickle_refusal_gives_a_command_that_converts_it(exported, tiny_model_dir, tmp_path, capsys):
+    """The authors' save_pretrained writes adapter_model.bin: refused, and the command the
+    message gives (run by the user, never by us) turns it into an adapter that imports."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(exported[1] / "adapter_config.json", src)
+    torch.save(safetensors_torch.load_file(str(exported[1] / "adapter_model.safetensors")), src / "adapter_model.bin")
+    args = ["import", "--format", "smoa", "--model", str(tiny_model_dir), "--src", str(src), "--no-parity"]
+    code, res = cli(args + ["--out", str(tmp_path / "refused")], capsys)
+    assert code == 1 and "pickle checkpoints are refused" in res.err
+    command = res.err.split("python -c ", 1)[1].split('" (README')[0].strip('"')
+    subprocess.run([sys.executable, "-c", command], cwd=src, check=True)
+    assert cli(args + ["--out", str(tmp_path / "mlx")], capsys)[0] == 0
+    import_adapter("smoa", str(tiny_model_dir), exported[1], tmp_path / "direct", measure_parity=False)
+    got, want = tensors(tmp_path / "mlx" / "adapters.safetensors"), tensors(tmp_path / "direct" / "adapters.safetensors")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..errors import ModelError
 from ..files import read_config
 from ..layer import adapter_layers, base_weight
 from ..layouts.names import PEFT_PREFIX, hf_path
@@ -94,7 +95,10 @@ def measure(fmt: str, model_dir, mlx_model, torch_adapter, plan_dtype=None) -> d
         if "bias" in m.linear:
             update -= np.array(m.linear.bias.astype(mx.float32))
         layers[path] = float(np.max(np.abs(y_mlx - y_torch)) / max(np.max(np.abs(update)), 1e-30))
-    tokens = probe_tokens(int(read_config(Path(model_dir) / "config.json")["vocab_size"]))
+    vocab = read_config(Path(model_dir) / "config.json").get("vocab_size")
+    if not isinstance(vocab, int):
+        raise ModelError(f"{Path(model_dir) / 'config.json'}: no integer vocab_size to draw probe tokens from")
+    tokens = probe_tokens(vocab)
     logits = max_rel(mlx_logits(mlx_model, tokens), torch_logits(tmodel, tokens))
     return {"logits": logits, "layers": layers}
 

@@ -135,8 +135,9 @@ def factor_shapes(paths, shapes: dict, ranks: dict, a_leaf: str, b_leaf: str) ->
 def _refuse_pickle(path: Path):
     raise AdapterError(
         f"{path}: pickle checkpoints are refused (safetensors only); convert it where you trust it: "
-        f"python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{path.name}', "
-        f"weights_only=True), '{WEIGHTS}')\""
+        f"python -c \"import torch, safetensors.torch as s; s.save_file({{k: v.contiguous() for k, v in "
+        f"torch.load('{path.name}', map_location='cpu', weights_only=True).items()}}, '{WEIGHTS}')\" "
+        "(README: adapters trained with the authors' code)"
     )
 
 
