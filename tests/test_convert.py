@@ -211,6 +211,9 @@ def test_authors_bfloat16_orders_need_plan_dtype(base, tmp_path, capsys):
     model = hf_model(base)
     apply_adapter(model, tmp_path / "pt")  # reads smoa_orders.safetensors: no recomputation at all
     assert rel(torch_logits(model), reference) < TOL
+    model = hf_model(base)
+    apply_adapter(model, src, plan_dtype="bfloat16")  # the authors' files: recomputes, as they do
+    assert rel(torch_logits(model), reference) < TOL
 
 
 def test_recomputed_orders_come_from_the_training_plan(tiny_model_dir, tmp_path, monkeypatch):
