@@ -23,9 +23,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .adapters import CONFIG, WEIGHTS, adapter_tensors, check_tensors
+from .adapters import CONFIG, WEIGHTS, adapter_tensors
 from .errors import AdapterError, ConfigError, MissingFileError
 from .files import atomic_write, load_safetensors, save_safetensors, write_json
+from .layouts.tensors import check_tensors
 
 STATE = "training_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -176,18 +177,10 @@ def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint
 def restore_optimizer(optimizer, model: nn.Module, flat: dict[str, mx.array], where) -> None:
     """Put saved optimizer state (step, learning rate, moments) into `optimizer`."""
     optimizer.init(model.trainable_parameters())
-    expected = dict(tree_flatten(optimizer.state))
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise AdapterError(f"{where}: optimizer state does not fit this model/optimizer ({what})")
-    for k, v in flat.items():
-        if v.shape != expected[k].shape:
-            raise AdapterError(
-                f"{where}: optimizer tensor {k} has shape {tuple(v.shape)}, "
-                f"expected {tuple(expected[k].shape)}"
-            )
+    # Named as the state file stores them (`optimizer.<path>`), so errors name the tensor.
+    expected = {f"optimizer.{k}": v.shape for k, v in tree_flatten(optimizer.state)}
+    check_tensors({f"optimizer.{k}": v for k, v in flat.items()}, expected, where,
+                  unexpected=" (the optimizer state of another model or optimizer?)")
     optimizer.state = tree_map_with_path(lambda p, _: flat[p], optimizer.state)
     optimizer.init(model.trainable_parameters())
 
@@ -204,7 +197,8 @@ def smoa_orders(tensors: dict[str, mx.array]) -> dict:
 
 def load_into(model: nn.Module, method: str, tensors: dict[str, mx.array], where) -> None:
     """Load adapter tensors into an adapted model, naming any tensor that does not fit."""
-    check_tensors(model_adapter(model, method), tensors, where, f" for --method {method} here")
+    expected = {k: v.shape for k, v in model_adapter(model, method).items()}
+    check_tensors(tensors, expected, where, unexpected=f" for --method {method} here")
     model.load_weights(list(tensors.items()), strict=False)
     mx.eval(model.parameters())
 

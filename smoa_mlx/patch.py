@@ -8,7 +8,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import get_total_parameters
 
-from .layer import SMoALinear
+from .layer import SMoALinear, adapter_layers
+from .layouts.names import natural_key
 
 # The authors' default targets (SPEC §1).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -19,11 +20,6 @@ def linear_paths(model: nn.Module) -> list[str]:
     """Module paths of every plain or quantized linear layer, layers in numeric order."""
     paths = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
     return sorted(paths, key=natural_key)
-
-
-def natural_key(path: str):
-    """Sort key putting `layers.10` after `layers.9`."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
 def _matches(path: str, key: str) -> bool:
@@ -106,8 +102,7 @@ def apply_smoa(
 
 
 def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, SMoALinear)}
-    return {p: layers[p] for p in sorted(layers, key=natural_key)}
+    return adapter_layers(model, SMoALinear)
 
 
 def summarize(model: nn.Module) -> dict:
