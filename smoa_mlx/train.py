@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint
 from .adapters import smoa_config
+from .archs import default_targets
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
@@ -50,7 +51,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULTS = {
     "model": DEFAULT_MODEL, "data": str(BUNDLED_DATA), "train": True, "test": False,
     "test_batches": -1, "method": "smoa", "rank": 8, "num_blocks": None, "alpha": 8.0,
-    "dropout": 0.0, "targets": list(DEFAULT_TARGETS), "num_layers": -1, "dtype": "float32",
+    "dropout": 0.0, "targets": None, "num_layers": -1, "dtype": "float32",
     "upcast_base": False, "optimizer": "adamw", "learning_rate": None, "weight_decay": 0.0,
     "warmup": None, "iters": 200, "batch_size": 4, "grad_accumulation_steps": 1,
     "grad_checkpoint": False, "max_seq_length": 2048, "mask_prompt": None, "val_batches": 25,
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha", type=float, help="scale = alpha / rank, for lora too (default 8).")
     a("--dropout", type=float, help="Dropout on the adapter input (default 0; above 0, SMoA steps "
       "take the per-block path, ~1.25x slower).")
-    a("--targets", nargs="+", help=f"Modules to adapt (default {' '.join(DEFAULT_TARGETS)}).")
+    a("--targets", nargs="+", help=f"Modules to adapt, or all-linear (default: the architecture's, "
+      f"e.g. {' '.join(DEFAULT_TARGETS)}).")
     a("--num-layers", type=int, help="Adapt the last N decoder layers, -1 for all (default -1).")
     a("--dtype", choices=list(DTYPES), help="dtype of the trainable parameters and their "
       "optimizer state (default float32).")
@@ -416,6 +418,8 @@ def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None) -> tuple
         raise ValueError(
             f"--num-layers {args.num_layers} exceeds the model's {len(model.layers)} layers"
         )
+    if args.targets is None:
+        args.targets = list(default_targets(model))
     paths = target_paths(model, args.targets, args.num_layers)
     if args.method == "lora":
         from mlx_lm.tuner.utils import linear_to_lora_layers
