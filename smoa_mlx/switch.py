@@ -3,17 +3,24 @@
 Each expert e is its own frozen linear layer W0_e, so it gets its own spectral plan
 (`make_plan` on W0_e) and its own factors; all of them are stacked along a leading
 expert axis: A_k (E, r_k, in_k), B_k (E, out_k, r_k), row_order (E, d_out),
-col_order (E, d_in). The update of expert e is SPEC §1's, per expert.
+col_order (E, d_in). The update of expert e is SPEC §1's, per expert: with A_o, B_o
+the factors placed on expert e's blocks in its own coordinates (`SMoALinear`'s
+embedding, batched over experts), `ΔW_e = scale * W0_e ⊙ (B_o,e A_o,e)`.
 
-Training never builds a dense (E, d_out, d_in) ΔW. Each token slot's input is
-permuted by its expert's column order, so the K aligned blocks are contiguous; block
-k then is one gathered expert matmul (`mx.gather_mm`, as the base layer does) with
-the stacked block weights `W_k,e = scale * (B_k,e A_k,e) ⊙ M_k,e` in permuted
-coordinates (1/K of the expert weights, one layer at a time), and the output is
-gathered back with the expert's inverse row order. A custom VJP rebuilds W_k and
-the anchors M_k in the backward pass instead of keeping them alive between the two
-passes, like `layer._blocked_update`. Quantized experts are de-quantized for the
-anchors only; the base output comes from the quantized `gather_qmm`.
+Two exact evaluations, chosen by shape alone (docs/ARCHITECTURE.md has the measurements):
+- merged, when more token slots than experts (training, prefill): one gathered expert
+  matmul (`mx.gather_mm`, as the base layer does) with `W0 + ΔW`, built for every
+  expert one layer at a time; a custom VJP rebuilds it in the backward pass (tied to
+  the cotangent, as `layer._merged_matmul`) instead of keeping it alive. With dropout
+  active the same matmul runs with ΔW alone on the dropped-out input, next to the base.
+  This builds the dense per-expert weight on purpose: the per-block alternative
+  (input permuted per slot, K gathered matmuls with `(B_k A_k) ⊙ M_k` in permuted
+  coordinates) needs the anchors M_k gathered out of every expert's weight, which
+  measured 2.66x the step time of mlx-lm's LoRASwitchLinear against 1.49x for this
+  path (1.29x on 4-bit experts; scripts/bench_moe.py);
+- folded, when at most as many slots as experts (decoding): the base layer itself
+  (quantized or not) on `[x, A_o[r] ⊙ x for r]`, 1 + R rows per slot, so only the
+  routed experts are read and nothing is built (`layer._folded`, per slot).
 """
 
 from __future__ import annotations
@@ -25,18 +32,49 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .layer import _block_diagonal, _tied, base_weight, make_plan
+from .layer import _tied, base_weight, make_plan
 from .plan import split_rank, split_sizes
 
 
-def _offsets(sizes) -> list[tuple[int, int]]:
-    ends = np.cumsum(sizes)
-    return [(int(e - s), int(e)) for s, e in zip(sizes, ends)]
+def _block_diagonal(parts: list[mx.array]) -> mx.array:
+    """Per expert, the block-diagonal matrix of `parts` (E, m_k, n_k): (E, sum m_k, sum n_k)."""
+    width = sum(p.shape[-1] for p in parts)
+    offsets = np.cumsum([0] + [p.shape[-1] for p in parts])
+    return mx.concatenate(
+        [mx.pad(p, [(0, 0), (0, 0), (int(o), width - int(o) - p.shape[-1])]) for p, o in zip(parts, offsets)],
+        axis=-2,
+    )
 
 
-def _take_last(x: mx.array, index: mx.array) -> mx.array:
-    """x[..., index[...]] with a per-slot index (..., n) broadcast over x's row axis."""
-    return mx.take_along_axis(x, mx.expand_dims(index, -2), axis=-1)
+def _gathered_matmul(base, x, a_o, b_o, indices, sorted_indices, scale, with_base):
+    """`x W_e^T` per slot (no bias), W = W0 + ΔW (or ΔW alone), with the custom VJP above."""
+
+    def weight(w0, a_o, b_o, dtype):
+        delta = w0 * ((scale * b_o) @ a_o)
+        return (w0 + delta if with_base else delta).astype(dtype)
+
+    def gmm(x, w):
+        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+
+    @mx.custom_function
+    def merged(x, a_o, b_o):
+        w0 = base_weight(base)
+        return gmm(x, weight(w0, a_o, b_o, mx.result_type(x, w0)).swapaxes(-1, -2))
+
+    @merged.vjp
+    def merged_vjp(primals, cotangent, output):
+        x, a_o, b_o = primals
+        w0 = base_weight(base, after=cotangent)
+        a_late, b_late = _tied([a_o, b_o], cotangent)
+        w = weight(w0, a_late, b_late, mx.result_type(x, w0))
+        # dW_e = sum over expert e's slots of g^T x: the VJP of the gathered matmul.
+        _, (dw,) = mx.vjp(lambda wt: [gmm(x, wt)], [w.swapaxes(-1, -2)], [cotangent])
+        d_ba = dw.swapaxes(-1, -2).astype(a_o.dtype) * w0
+        da = (scale * (b_o.swapaxes(-1, -2) @ d_ba)).astype(a_o.dtype)
+        db = (scale * (d_ba @ a_o.swapaxes(-1, -2))).astype(b_o.dtype)
+        return gmm(cotangent, w).astype(x.dtype), da, db
+
+    return merged(x, a_o, b_o)
 
 
 class SMoASwitchLinear(nn.Module):
@@ -85,7 +123,7 @@ class SMoASwitchLinear(nn.Module):
         self.out_sizes = split_sizes(d_out, self.num_blocks)
         self.in_sizes = split_sizes(d_in, self.num_blocks)
         self._row_slot = mx.array(np.argsort(row_order, axis=-1).astype(np.uint32))
-        self._col_order = mx.array(col_order.astype(np.uint32))
+        self._col_slot = mx.array(np.argsort(col_order, axis=-1).astype(np.uint32))
         self.smoa_a = [
             mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (n_exp, r, i))
             for r, i in zip(self.branch_ranks, self.in_sizes)
@@ -98,69 +136,49 @@ class SMoASwitchLinear(nn.Module):
     def shape(self) -> tuple[int, int, int]:
         return (self.linear.num_experts, sum(self.out_sizes), sum(self.in_sizes))
 
-    def _anchors(self, w0: mx.array) -> list[mx.array]:
-        """M_k,e = W0_e[rows_k,e][:, cols_k,e], stacked over experts: (E, out_k, in_k)."""
-        rows, cols = self.row_order, self.col_order
-        out = []
-        for (r0, r1), (c0, c1) in zip(_offsets(self.out_sizes), _offsets(self.in_sizes)):
-            m = mx.take_along_axis(w0, rows[:, r0:r1, None], axis=1)
-            out.append(mx.take_along_axis(m, cols[:, None, c0:c1], axis=2))
-        return out
+    def _embedded(self) -> tuple[mx.array, mx.array]:
+        """(A_o, B_o): every expert's factors on its blocks, (E, R, d_in) and (E, d_out, R)."""
+        a_o = mx.take_along_axis(_block_diagonal(self.smoa_a), self._col_slot[:, None, :], axis=2)
+        b_o = mx.take_along_axis(_block_diagonal(self.smoa_b), self._row_slot[:, :, None], axis=1)
+        return a_o, b_o
 
-    def _update(self, xp, indices, sorted_indices):
-        """The update in permuted coordinates, block by block, with the custom VJP above."""
-        k = self.num_blocks
-        spans = _offsets(self.in_sizes)
-        scale = self.scale
-
-        def weights(a_list, b_list, anchors, dtype):
-            return [(((scale * b) @ a) * m).astype(dtype) for a, b, m in zip(a_list, b_list, anchors)]
-
-        def gmm(x, w):
-            return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
-
-        @mx.custom_function
-        def update(xp, a_list, b_list):
-            ws = weights(a_list, b_list, self._anchors(base_weight(self.linear)), xp.dtype)
-            return mx.concatenate([gmm(xp[..., c0:c1], w.swapaxes(-1, -2)) for (c0, c1), w in zip(spans, ws)], -1)
-
-        @update.vjp
-        def update_vjp(primals, cotangent, output):
-            xp, a_list, b_list = primals
-            anchors = self._anchors(base_weight(self.linear, after=cotangent))
-            late = _tied(list(a_list) + list(b_list), cotangent)
-            ws = weights(late[:k], late[k:], anchors, xp.dtype)
-            dx, da, db = [], [], []
-            for (r0, r1), (c0, c1), w, a, b, m in zip(
-                _offsets(self.out_sizes), spans, ws, a_list, b_list, anchors
-            ):
-                g, x = cotangent[..., r0:r1], xp[..., c0:c1]
-                dx.append(gmm(g, w))
-                # dW_k,e = sum over expert e's slots of g^T x: the VJP of the gathered matmul.
-                _, (dw,) = mx.vjp(lambda wt: [gmm(x, wt)], [w.swapaxes(-1, -2)], [g])
-                d_ba = dw.swapaxes(-1, -2).astype(a.dtype) * m
-                da.append((scale * (b.swapaxes(-1, -2) @ d_ba)).astype(a.dtype))
-                db.append((scale * (d_ba @ a.swapaxes(-1, -2))).astype(b.dtype))
-            return mx.concatenate(dx, -1).astype(xp.dtype), da, db
-
-        return update(xp, self.smoa_a, self.smoa_b)
+    def _path(self, x: mx.array, indices: mx.array) -> str:
+        """merged or folded (module docstring): by the number of token slots and dropout."""
+        if self.dropout is not None and self.training:
+            return "dropout"
+        slots = math.prod(np.broadcast_shapes(x.shape[:-1], indices.shape + x.shape[-2:-1]))
+        return "folded" if slots <= self.linear.num_experts else "merged"
 
     def __call__(self, x, indices, sorted_indices=False):
+        a_o, b_o = self._embedded()
+        path = self._path(x, indices)
+        if path == "folded":
+            return self._folded(x, indices, sorted_indices, a_o, b_o)
+        args = (a_o, b_o, indices, sorted_indices, self.scale)
+        # broadcast over the slots here, so autodiff sums the input gradient back
+        x_b = mx.broadcast_to(x, tuple(np.broadcast_shapes(x.shape[:-2], indices.shape)) + x.shape[-2:])
+        if path == "merged":
+            y = _gathered_matmul(self.linear, x_b, *args, with_base=True)
+            return y + mx.expand_dims(self.linear.bias[indices], -2) if "bias" in self.linear else y
         y = self.linear(x, indices, sorted_indices=sorted_indices)
-        x_in = self.dropout(x) if self.dropout is not None else x
-        batch = tuple(np.broadcast_shapes(x.shape[:-2], indices.shape))
-        x_in = mx.broadcast_to(x_in, batch + x.shape[-2:])
-        xp = _take_last(x_in, mx.take(self._col_order, indices, axis=0))
-        z = _take_last(self._update(xp, indices, sorted_indices), mx.take(self._row_slot, indices, axis=0))
+        z = _gathered_matmul(self.linear, mx.broadcast_to(self.dropout(x), x_b.shape), *args, with_base=False)
         return y + z.astype(y.dtype)
+
+    def _folded(self, x, indices, sorted_indices, a_o, b_o):
+        """Base output plus update from one call of the base layer on 1 + R rows per slot."""
+        a_slot = mx.take(a_o, indices, axis=0).astype(x.dtype)  # (..., R, d_in)
+        rows = mx.concatenate([mx.broadcast_to(x, a_slot.shape[:-2] + x.shape[-2:]), x * a_slot], axis=-2)
+        y = self.linear(rows, indices, sorted_indices=sorted_indices)
+        u = y[..., 1:, :]
+        if "bias" in self.linear:
+            u = u - mx.expand_dims(self.linear.bias[indices], -2)
+        b_slot = mx.take(b_o, indices, axis=0)  # (..., d_out, R)
+        update = (u * (self.scale * b_slot.swapaxes(-1, -2)).astype(u.dtype)).sum(axis=-2, keepdims=True)
+        return y[..., :1, :] + update
 
     def delta_weight(self) -> mx.array:
         """The dense scaled update of every expert in original coordinates, (E, d_out, d_in)."""
-        a_bd = mx.stack([_block_diagonal([a[e] for a in self.smoa_a]) for e in range(self.shape[0])])
-        b_bd = mx.stack([_block_diagonal([b[e] for b in self.smoa_b]) for e in range(self.shape[0])])
-        col_slot = mx.argsort(self.col_order, axis=-1)
-        a_o = mx.take_along_axis(a_bd, col_slot[:, None, :], axis=2)
-        b_o = mx.take_along_axis(b_bd, self._row_slot.astype(mx.int32)[:, :, None], axis=1)
+        a_o, b_o = self._embedded()
         return base_weight(self.linear) * ((self.scale * b_o) @ a_o)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:

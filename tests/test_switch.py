@@ -80,6 +80,27 @@ def test_forward_matches_reference(quantized, bias):
     np.testing.assert_allclose(np.array(layer(xs, ids, sorted_indices=True)),
                                reference_output(layer, xs, ids), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.array(layer.delta_weight()), reference_delta(layer), rtol=1e-4, atol=1e-5)
+    for shape, idx in (((1, 1, 1, 1, d_in), [[[2, 0]]]), ((4, 1, d_in), [3, 0, 0, 1])):  # decoding
+        x, idx = mx.random.normal(shape), mx.array(idx)
+        assert layer._path(x, idx) == "folded"
+        np.testing.assert_allclose(np.array(layer(x, idx)), reference_output(layer, x, idx), rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_applies_to_the_update_input_only():
+    mx.random.seed(5)
+    base = SwitchLinear(D_IN, D_OUT, E, bias=False)
+    layer = SMoASwitchLinear.from_base(base, rank=4, num_blocks=2, dropout=0.5)
+    layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    x = mx.random.normal((12, 1, D_IN))
+    idx = mx.array(np.random.default_rng(6).integers(0, E, (12,)))
+    layer.eval()
+    np.testing.assert_allclose(np.array(layer(x, idx)), reference_output(layer, x, idx), rtol=1e-4, atol=1e-4)
+    layer.train()
+    assert layer._path(x, idx) == "dropout"
+    train_out = np.array(layer(x, idx))
+    assert not np.allclose(train_out, reference_output(layer, x, idx), atol=1e-3)
+    layer.smoa_b = [mx.zeros_like(b) for b in layer.smoa_b]  # dropout never touches the base
+    assert mx.array_equal(layer(x, idx), base(x, idx)).item()
 
 
 def test_zero_b_is_the_base():
@@ -90,10 +111,13 @@ def test_zero_b_is_the_base():
     assert mx.array_equal(layer(x, idx), layer.linear(x, idx)).item()
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("path,x_shape,idx_shape", [
+    ("merged", (3, 2, 1, 1, D_IN), (3, 2, 2)), ("folded", (2, 1, 1, D_IN), (2, 2))])
+def test_gradients_match_finite_differences(path, x_shape, idx_shape):
     layer = make(rank=3, k=2, branch_ranks=[2, 1])
-    x = mx.random.normal((3, 2, 1, 1, D_IN))
-    idx = mx.array(np.random.default_rng(2).integers(0, E, (3, 2, 2)))
+    x = mx.random.normal(x_shape)
+    idx = mx.array(np.random.default_rng(2).integers(0, E, idx_shape))
+    assert layer._path(x, idx) == path
     probe = mx.random.normal(reference_output(layer, x, idx).shape)
 
     def loss(a_list, b_list, x):
