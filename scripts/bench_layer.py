@@ -44,10 +44,10 @@ def matmul_flops(n: int, d: int, k: int | None, rank: int) -> float:
 def factored(layer: SMoALinear, x: mx.array, anchors: list[mx.array]) -> mx.array:
     """Base output plus the update through the K anchors (the pre-folding decode path)."""
     z = []
-    for a, b, m, c in zip(layer.smoa_a, layer.smoa_b, anchors, layer._cols):
+    for a, b, m, c in zip(layer.smoa_a, layer.smoa_b, anchors, layer._blocks.cols):
         xa = mx.take(x, c, axis=-1)[..., None, :] * a  # (..., r_k, in_k)
         z.append(((xa @ m.T) * (layer.scale * b.T)).sum(axis=-2))
-    return layer.linear(x) + _join(z, layer._row_slot)
+    return layer.linear(x) + _join(z, layer._blocks.row_slot)
 
 
 def decode(args) -> None:
@@ -61,14 +61,14 @@ def decode(args) -> None:
             base = nn.QuantizedLinear.from_linear(base, 64, args.bits)
         layer = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
         layer.smoa_b = [mx.random.normal(b.shape) * 0.01 for b in layer.smoa_b]
-        stored = _anchors(base_weight(base), layer._rows, layer._cols)
+        stored = _anchors(base_weight(base), layer._blocks)
         x = mx.random.normal((1, 1, d_in))
         mx.eval(x, stored, layer.parameters())
         variants = {
             "base": lambda: base(x),
             "SMoA (folded)": lambda: layer(x),
             "anchors stored": lambda: factored(layer, x, stored),
-            "anchors rebuilt": lambda: factored(layer, x, _anchors(base_weight(base), layer._rows, layer._cols)),
+            "anchors rebuilt": lambda: factored(layer, x, _anchors(base_weight(base), layer._blocks)),
         }
         t = {n: median(v) for n, v in time_interleaved(variants, args.repeats * 10).items()}
         rows.append([f"{d_out}x{d_in}"] + [t[n] * 1e3 for n in variants]

@@ -9,14 +9,14 @@ __version__ = "0.1.0"
 
 
 def load(path_or_hf_repo: str, adapter_path=None, **kwargs):
-    """`mlx_lm.load` plus an optional adapter (SMoA, or mlx-lm LoRA/DoRA) -> (model, tokenizer)."""
-    from mlx_lm.utils import load as mlx_lm_load
+    """`mlx_lm.load` plus an optional adapter (SMoA, or mlx-lm LoRA/DoRA) -> (model, tokenizer)
+    (and the config with `return_config=True`); a bad path is one `ModelError` line."""
+    from .loader import load_base
 
-    model, tokenizer = mlx_lm_load(path_or_hf_repo, **kwargs)
-    if adapter_path is not None:
-        load_adapter(model, adapter_path)
-    model.eval()
-    return model, tokenizer
+    base = load_base(path_or_hf_repo, adapter_path, **kwargs)
+    if kwargs.get("return_config"):
+        return base.model, base.tokenizer, base.config
+    return base.model, base.tokenizer
 
 
 __all__ = [

@@ -18,12 +18,18 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .archs import ADAPTABLE
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .errors import AdapterError, ConfigError
+from .files import load_safetensors, read_config, save_safetensors, write_json
 from .layer import base_weight
+from .layouts.fields import Fields
+from .layouts.tensors import check_tensors
 from .patch import apply_smoa, smoa_layers
+from .plan import split_rank
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
+# mlx-lm's fine-tune types (an absent one is "lora", as mlx-lm reads it) and ours.
+FINE_TUNE_TYPES = ("smoa", "lora", "dora", "full")
 FINGERPRINT_SIZE = 64
 MIN_SIMILARITY = 0.8
 
@@ -59,7 +65,7 @@ def smoa_config(model: nn.Module, base_model: str | None = None, **extra) -> dic
     """The adapter config describing the SMoA layers of `model` (extra keys are kept)."""
     layers = smoa_layers(model)
     if not layers:
-        raise ValueError("model has no SMoA layers to save")
+        raise AdapterError("model has no SMoA layers to save")
     first = next(iter(layers.values()))
     params = {
         "rank": first.rank,
@@ -90,18 +96,18 @@ def save_adapter(model: nn.Module, adapter_path, config: dict | None = None, wei
 def _check_base(model: nn.Module, config: dict, weights: dict, where: Path, file: Path) -> dict:
     """Refuse a base the adapter was not trained on; return the saved orders, validated."""
     if smoa_layers(model):
-        raise ValueError(f"{where}: model already has SMoA layers; load a fresh base model")
+        raise AdapterError(f"{where}: model already has SMoA layers; load a fresh base model")
     modules = dict(model.named_modules())
     orders = {}
     for path in config["modules"]:
         if path not in modules or not isinstance(modules[path], ADAPTABLE):
-            raise ValueError(f"{where}: adapter module {path} is not a linear layer of this model")
+            raise AdapterError(f"{where}: adapter module {path} is not a linear layer of this model")
         w = base_weight(modules[path])
         saved = config.get("fingerprints", {}).get(path)
         if saved is not None:
             sim = similarity(fingerprint(w), saved) if len(saved) == FINGERPRINT_SIZE else 0.0
             if sim < MIN_SIMILARITY:
-                raise ValueError(
+                raise AdapterError(
                     f"{where}: adapter was trained on a different base model "
                     f"(trained on {config.get('model')!r}): module {path} does not match "
                     f"(weight similarity {sim:.3f} < {MIN_SIMILARITY})"
@@ -116,61 +122,93 @@ def _check_base(model: nn.Module, config: dict, weights: dict, where: Path, file
 def _order(weights: dict, key: str, shape: tuple, file: Path) -> np.ndarray:
     """A saved order: one permutation of shape[-1] indices (one per expert: shape (E, n))."""
     if key not in weights:
-        raise ValueError(f"{file}: missing tensor {key}")
+        raise AdapterError(f"{file}: missing tensor {key}")
     order, n = np.array(weights[key]), shape[-1]
     if order.shape != shape or not (np.sort(order, axis=-1) == np.arange(n)).all():
-        raise ValueError(
+        raise AdapterError(
             f"{file}: tensor {key} must be a permutation of {n} indices (shape {order.shape})"
         )
     return order
 
 
-def check_tensors(expected: dict, tensors: dict, where, context: str = "") -> None:
-    """Every tensor expected, none extra, shapes equal; else a one-line error naming it."""
-    for name, value in tensors.items():
-        if name not in expected:
-            raise ValueError(f"{where}: unexpected tensor {name}{context}")
-        if value.shape != expected[name].shape:
-            raise ValueError(
-                f"{where}: tensor {name} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"{where}: missing tensor {missing[0]}")
+def read_adapter_config(adapter_path) -> dict:
+    """`adapter_config.json`, checked so that loading cannot fail deep inside MLX or mlx-lm:
+    a wrong type, a missing or unknown field is one line naming the file and the key."""
+    path = Path(adapter_path) / CONFIG
+    config = read_config(path)
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in FINE_TUNE_TYPES:
+        raise ConfigError(f"{path}: fine_tune_type {kind!r} is not one of {', '.join(FINE_TUNE_TYPES)}")
+    fields = Fields(config, path)
+    if kind == "smoa":
+        fields.names("modules")
+        params = fields.section("smoa_parameters")
+        params.require("rank", "num_blocks", "alpha")
+        rank = params.number("rank", None, int, minimum=1)
+        num_blocks = params.number("num_blocks", None, int, minimum=1)
+        params.number("alpha", None, float)
+        params.number("dropout", 0.0, float, minimum=0)
+        try:
+            split_rank(rank, num_blocks, params.ints("branch_ranks"))
+        except ValueError as e:
+            raise ConfigError(f"{path}: smoa_parameters: {e}") from None
+        prints = config.get("fingerprints", {})
+        if not isinstance(prints, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in prints.values()):
+            raise ConfigError(f"{path}: fingerprints must map module paths to lists of numbers")
+    elif kind != "full":
+        if "fine_tune_type" not in config and "lora_parameters" not in config:
+            raise ConfigError(f"{path}: fine_tune_type is missing (and the config is no mlx-lm LoRA "
+                              "adapter either: no lora_parameters)")
+        fields.require("num_layers")
+        fields.number("num_layers", None, int)
+        params = fields.section("lora_parameters")
+        params.require("rank", "scale")
+        params.number("rank", None, int, minimum=1)
+        params.number("scale", None, float)
+        params.number("dropout", 0.0, float, minimum=0)
+        params.names("keys", optional=True)
+    return config
 
 
 def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
     """Patch `model` with the SMoA adapter in `adapter_path`; returns its config.
 
-    A bad adapter raises a one-line ValueError naming the module or tensor at
-    fault and leaves the model's layers as they were. mlx-lm LoRA/DoRA adapter
-    directories are delegated to mlx-lm's own loader.
+    A bad adapter raises a one-line SMoAError naming the file, key, module or
+    tensor at fault and leaves the model's layers as they were. mlx-lm
+    LoRA/DoRA/full adapter directories are delegated to mlx-lm's own loader.
     """
     adapter_path = Path(adapter_path)
-    config = read_json(adapter_path / CONFIG)
-    kind = config.get("fine_tune_type", "lora")
-    if kind != "smoa":
-        from mlx_lm.tuner.utils import load_adapters
-
-        load_adapters(model, str(adapter_path))
-        return config
-    try:
-        paths, p = list(config["modules"]), config["smoa_parameters"]
-        params = {k: p[k] for k in ("rank", "num_blocks", "alpha", "dropout", "branch_ranks")}
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{adapter_path / CONFIG}: not an SMoA adapter config (missing {e})") from None
+    config = read_adapter_config(adapter_path)
     file = adapter_path / weights_file
     weights = load_safetensors(file)
+    if config.get("fine_tune_type", "lora") != "smoa":
+        return _load_mlx_lm(model, adapter_path, config)
+    paths, p = config["modules"], config["smoa_parameters"]
+    params = {k: p.get(k) for k in ("rank", "num_blocks", "alpha", "dropout", "branch_ranks")}
+    params["dropout"] = params["dropout"] or 0.0
     orders = _check_base(model, config, weights, adapter_path, file)
     originals = dict(model.named_modules())
     try:
         apply_smoa(model, keys=paths, orders=orders, **params)
-        check_tensors(adapter_tensors(model), weights, file)
+        expected = adapter_tensors(model)
+        check_tensors(weights, {k: v.shape for k, v in expected.items()}, file)
     except ValueError as e:
         model.update_modules(tree_unflatten([(q, originals[q]) for q in paths]))
         msg = str(e)
-        raise ValueError(msg if msg.startswith(str(file)) else f"{adapter_path}: {msg}") from None
+        raise AdapterError(msg if msg.startswith(str(file)) else f"{adapter_path}: {msg}") from None
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
+    return config
+
+
+def _load_mlx_lm(model: nn.Module, adapter_path: Path, config: dict) -> dict:
+    """mlx-lm's loader; its multi-line report of incompatible tensors is cut to the first one."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    try:
+        load_adapters(model, str(adapter_path))
+    except (ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e.args[0] if e.args else e).splitlines() if line.strip()]
+        raise AdapterError(f"{adapter_path}: {lines[1] if len(lines) > 1 else lines[0]}") from None
     return config

@@ -15,7 +15,7 @@ An adapter directory being trained holds:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,8 +23,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .adapters import CONFIG, WEIGHTS, adapter_tensors, check_tensors
+from .adapters import CONFIG, WEIGHTS, adapter_tensors
+from .errors import AdapterError, ConfigError, MissingFileError
 from .files import atomic_write, load_safetensors, save_safetensors, write_json
+from .layouts.tensors import check_tensors
 
 STATE = "training_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -35,14 +37,64 @@ def numbered(step: int) -> str:
     return f"{step:07d}_{WEIGHTS}"
 
 
+def empty_window() -> dict:
+    return {"loss": 0.0, "tokens": 0.0, "steps": 0}
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands, besides its tensors: the JSON metadata of a training state.
+
+    The loop updates one of these and saves it as it is; `--resume` reads it back.
+    """
+
+    step: int = 0
+    micro_step: int = 0  # batches consumed: the data position
+    window: dict = field(default_factory=empty_window)  # the unreported updates' loss
+    trained_tokens: float = 0.0
+    rng: list = field(default_factory=list)  # MLX's key at the last update boundary
+    args: dict = field(default_factory=dict)  # the run's options
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, where) -> "TrainingState":
+        """Checked field by field: a damaged or foreign file is one line naming it."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{where}: damaged training state metadata ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{where}: damaged training state metadata (not a mapping)")
+        kinds = {"step": int, "micro_step": int, "window": dict, "trained_tokens": (int, float),
+                 "rng": list, "args": dict}
+        for key, kind in kinds.items():
+            if key not in data:
+                raise AdapterError(f"{where}: the training state metadata has no {key!r}")
+            if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                raise AdapterError(f"{where}: the training state's {key!r} is "
+                                   f"{data[key]!r}, not a {kind}")
+        window, rng = data["window"], data["rng"]
+        if set(window) != set(empty_window()) or len(rng) != 2 or \
+                not all(isinstance(x, int) for x in rng):
+            raise AdapterError(f"{where}: the training state's window or rng is damaged")
+        return cls(**{k: data[k] for k in kinds})
+
+
 @dataclass
 class Checkpoint:
-    """Adapter tensors, and for a full checkpoint the optimizer state and metadata."""
+    """Adapter tensors, and for a full checkpoint the optimizer state and training state."""
 
     adapter: dict[str, mx.array]
     optimizer: dict[str, mx.array] | None
-    meta: dict | None
+    state: TrainingState | None
     source: Path
+
+    @property
+    def meta(self) -> dict | None:
+        """The training state as the JSON dict it is saved as."""
+        return None if self.state is None else asdict(self.state)
 
 
 def model_adapter(model: nn.Module, method: str) -> dict[str, mx.array]:
@@ -58,14 +110,15 @@ def all_finite(tensors: dict[str, mx.array]) -> bool:
     return bool(mx.all(mx.stack(checks)).item()) if checks else True
 
 
-def save(adapter_path, adapter: dict, optimizer_state: dict, config: dict, meta: dict) -> Path:
+def save(adapter_path, adapter: dict, optimizer_state: dict, config: dict,
+         state: TrainingState) -> Path:
     """Write one checkpoint, every file atomically: resumable state first, then the
     numbered copy, then the adapter file and config that loaders read."""
     adapter_path = Path(adapter_path)
     tensors = {f"adapter.{k}": v for k, v in adapter.items()}
     tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer_state)})
-    save_safetensors(adapter_path / STATE, tensors, {_META_KEY: json.dumps(meta)})
-    save_safetensors(adapter_path / numbered(meta["step"]), adapter)
+    save_safetensors(adapter_path / STATE, tensors, {_META_KEY: state.to_json()})
+    save_safetensors(adapter_path / numbered(state.step), adapter)
     save_safetensors(adapter_path / WEIGHTS, adapter)
     write_json(adapter_path / CONFIG, config)
     return adapter_path
@@ -74,17 +127,22 @@ def save(adapter_path, adapter: dict, optimizer_state: dict, config: dict, meta:
 def load(path) -> Checkpoint:
     """Read a `training_state.safetensors`."""
     path = Path(path)
-    tensors = load_safetensors(path)
-    _, metadata = mx.load(str(path), return_metadata=True)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: file not found")
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # MLX reports a truncated or foreign file deep inside its loader
+        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
     if _META_KEY not in metadata:
-        raise ValueError(f"{path}: not a smoa_mlx training state (no {_META_KEY} metadata)")
+        raise AdapterError(f"{path}: not a smoa_mlx training state (no {_META_KEY} metadata)")
     split = {"adapter": {}, "optimizer": {}}
     for name, value in tensors.items():
         kind, _, key = name.partition(".")
         if kind not in split:
-            raise ValueError(f"{path}: unexpected tensor {name}")
+            raise AdapterError(f"{path}: unexpected tensor {name}")
         split[kind][key] = value
-    return Checkpoint(split["adapter"], split["optimizer"], json.loads(metadata[_META_KEY]), path)
+    state = TrainingState.from_json(metadata[_META_KEY], path)
+    return Checkpoint(split["adapter"], split["optimizer"], state, path)
 
 
 def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint | None:
@@ -92,11 +150,11 @@ def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint
     `--resume-adapter-file F` reads F, and continues exactly when the training state
     beside F holds the same adapter (else only the weights are reused, as mlx-lm does)."""
     if resume and resume_adapter_file:
-        raise ValueError("pass either --resume or --resume-adapter-file, not both")
+        raise ConfigError("pass either --resume or --resume-adapter-file, not both")
     if resume:
         state = Path(adapter_path) / STATE
         if not state.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{adapter_path}: no {STATE} to resume from (train without --resume first)"
             )
         return load(state)
@@ -119,18 +177,10 @@ def resume_source(resume: bool, resume_adapter_file, adapter_path) -> Checkpoint
 def restore_optimizer(optimizer, model: nn.Module, flat: dict[str, mx.array], where) -> None:
     """Put saved optimizer state (step, learning rate, moments) into `optimizer`."""
     optimizer.init(model.trainable_parameters())
-    expected = dict(tree_flatten(optimizer.state))
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise ValueError(f"{where}: optimizer state does not fit this model/optimizer ({what})")
-    for k, v in flat.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(
-                f"{where}: optimizer tensor {k} has shape {tuple(v.shape)}, "
-                f"expected {tuple(expected[k].shape)}"
-            )
+    # Named as the state file stores them (`optimizer.<path>`), so errors name the tensor.
+    expected = {f"optimizer.{k}": v.shape for k, v in tree_flatten(optimizer.state)}
+    check_tensors({f"optimizer.{k}": v for k, v in flat.items()}, expected, where,
+                  unexpected=" (the optimizer state of another model or optimizer?)")
     optimizer.state = tree_map_with_path(lambda p, _: flat[p], optimizer.state)
     optimizer.init(model.trainable_parameters())
 
@@ -147,19 +197,34 @@ def smoa_orders(tensors: dict[str, mx.array]) -> dict:
 
 def load_into(model: nn.Module, method: str, tensors: dict[str, mx.array], where) -> None:
     """Load adapter tensors into an adapted model, naming any tensor that does not fit."""
-    check_tensors(model_adapter(model, method), tensors, where, f" for --method {method} here")
+    expected = {k: v.shape for k, v in model_adapter(model, method).items()}
+    check_tensors(tensors, expected, where, unexpected=f" for --method {method} here")
     model.load_weights(list(tensors.items()), strict=False)
     mx.eval(model.parameters())
 
 
 def rewrite_metrics(adapter_path, upto_step: int | None) -> None:
-    """Keep only records up to `upto_step` (resume), or none (fresh run)."""
+    """Keep only records up to `upto_step` (resume), or none (fresh run). A line that
+    does not parse (the half-written last line of a killed run) is dropped."""
     path = Path(adapter_path) / METRICS
     keep = []
     if upto_step is not None and path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line)["step"] <= upto_step]
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] <= upto_step:
+                keep.append(line)
     atomic_write(path, lambda t: t.write_text("".join(line + "\n" for line in keep)))
+
+
+def remove_stale_temps(adapter_path) -> None:
+    """Temp files a killed save left behind (`files.atomic_write` names them `.<stem>.<pid>.tmp*`)."""
+    for p in Path(adapter_path).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def append_metrics(adapter_path, record: dict) -> None:

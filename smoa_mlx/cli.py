@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import sys
 
+from .errors import ConfigError, SMoAError
 
-class UsageError(ValueError):
-    """Bad input from the user: printed as one line, never a traceback."""
+
+class UsageError(ConfigError):
+    """Flags that do not go together (kept for the commands that raise it)."""
 
 
 def run(main, argv=None) -> None:
-    """Run `main(argv)`; user-facing errors become `error: ...` on stderr and exit 1."""
+    """Run `main(argv)`; a `SMoAError` (bad input, named precisely) becomes `error: ...`
+    on stderr and exit 1. Anything else is a bug and keeps its traceback."""
     from .blas import warn_if_reference
 
     warn_if_reference()
     try:
         code = main(argv)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except SMoAError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)

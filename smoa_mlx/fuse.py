@@ -16,17 +16,18 @@ import shutil
 from mlx.utils import tree_unflatten
 
 from .cli import run
-from .convert import load_base
-from .convert.names import check_model_type
-from .convert.peft_io import staged_dir
-from .files import read_json, write_json
+from .errors import AdapterError
+from .files import read_config, staged_dir, write_json
+from .layer import adapter_layers
+from .layouts.names import check_model_type
+from .loader import load_base
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 
 def fuse_layers(model, dequantize: bool = False) -> int:
     """Replace every adapter layer of `model` by its merged plain layer; returns how many."""
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in adapter_layers(model).items()]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
@@ -42,14 +43,14 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     dequantize = dequantize or hf
     count = fuse_layers(mlx_model, dequantize)
     if count == 0:
-        raise ValueError(f"{adapter_path}: the adapter has no layers to fuse")
+        raise AdapterError(f"{adapter_path}: the adapter has no layers to fuse")
     if dequantize:
         mlx_model = dequantize_model(mlx_model)
     with staged_dir(save_path) as tmp:
         save_model(tmp, mlx_model)
         if hf:
             # The base's own config (not mlx-lm's view of it), minus MLX quantization.
-            hf_config = read_json(model_dir / "config.json")
+            hf_config = read_config(model_dir / "config.json")
             for key in QUANTIZATION_KEYS:
                 hf_config.pop(key, None)
             write_json(tmp / "config.json", hf_config)

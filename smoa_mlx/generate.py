@@ -1,7 +1,7 @@
 """Generate text from a model plus an optional adapter (SMoA, mlx-lm LoRA/DoRA, or a fused dir).
 
 Also the pieces `chat` and `serve` share, so the three never drift apart:
-`load_model` (model + adapter, one-line errors), `prompt_tokens` (chat template
+`load_model` (re-exported from `loader`), `prompt_tokens` (chat template
 or raw text), `sampler_from` and `PromptCache` (a KV cache that remembers the
 tokens it holds and feeds only what is new). Sampling, KV caches and decoding
 are mlx-lm's own.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -22,6 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cli import run
 from .data import common_prefix
+from .loader import load_model
 
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
@@ -46,17 +46,6 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="Use the raw text even when the tokenizer has a chat template.")
-
-
-def load_model(model: str, adapter_path: str | None = None):
-    """`smoa_mlx.load` with a clear error for a local model path that does not exist."""
-    from . import load
-
-    if not Path(model).exists() and (Path(model).is_absolute() or model.startswith(".")):
-        raise FileNotFoundError(f"{model}: model directory not found")
-    if adapter_path is not None and not Path(adapter_path).is_dir():
-        raise FileNotFoundError(f"{adapter_path}: adapter directory not found")
-    return load(model, adapter_path=adapter_path)
 
 
 def sampler_from(temp: float = DEFAULT_TEMP, top_p: float = DEFAULT_TOP_P, seed: int | None = None):

@@ -27,20 +27,46 @@ Nothing beyond A and B is stored: W0 + ΔW and the anchors M_k are rebuilt from 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .errors import AdapterError, ConfigError
+from .layouts.names import natural_key
 from .plan import split_rank, split_sizes
-
-# `make_plan`'s plan through the on-disk score cache: identical result, instant the second time.
-from .plan_cache import cached_plan as make_plan
+from .plan_cache import cached_plan
 
 # Inputs with at most this many rows times (1 + R) take the folded path: its matmul
 # has 1 + R rows per input row, so it only wins while reading W0 dominates (decoding).
 FOLDED_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Where the K blocks sit: each block's original row and column indices, and each
+    original index's slot in block order. K = 1 works in the weight's own coordinates
+    (A's columns and B's rows are permuted instead), so it has `rows = cols = [None]`
+    and no slots."""
+
+    rows: list
+    cols: list
+    row_slot: mx.array | None
+    col_slot: mx.array | None
+
+
+WHOLE = Blocks([None], [None], None, None)
+
+
+def adapter_layers(model: nn.Module, kind=None) -> dict:
+    """Every adapter layer of `model` by module path, layers in numeric order: the one
+    definition of one, a module that can `fuse` into a plain layer, as SMoA's and all of
+    mlx-lm's (LoRA, DoRA, switch, embedding) can. `kind`: only instances of it."""
+    found = {p: m for p, m in model.named_modules()
+             if callable(getattr(type(m), "fuse", None)) and (kind is None or isinstance(m, kind))}
+    return {p: found[p] for p in sorted(found, key=natural_key)}
 
 
 def base_weight(base: nn.Module, after=None) -> mx.array:
@@ -99,20 +125,21 @@ def _block_diagonal(parts: list[mx.array]) -> mx.array:
     )
 
 
-def _embedded(a_list, b_list, row_slot, col_slot) -> tuple[mx.array, mx.array]:
+def _embedded(a_list, b_list, blocks: Blocks) -> tuple[mx.array, mx.array]:
     """(A_o, B_o): the block factors placed on their blocks in the weight's coordinates."""
-    return _gather(_block_diagonal(a_list), col_slot), _gather_rows(_block_diagonal(b_list), row_slot)
+    return (_gather(_block_diagonal(a_list), blocks.col_slot),
+            _gather_rows(_block_diagonal(b_list), blocks.row_slot))
 
 
-def _delta(w0, a_list, b_list, row_slot, col_slot, scale) -> mx.array:
+def _delta(w0, a_list, b_list, blocks: Blocks, scale) -> mx.array:
     """The dense `ΔW = scale * W0 ⊙ (B_o A_o)` in original coordinates."""
-    a_o, b_o = _embedded(a_list, b_list, row_slot, col_slot)
+    a_o, b_o = _embedded(a_list, b_list, blocks)
     return w0 * ((scale * b_o) @ a_o)
 
 
-def _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, dtype) -> mx.array:
+def _merged_weight(w0, a_list, b_list, blocks: Blocks, scale, dtype) -> mx.array:
     """`W0 + ΔW`, in `dtype`."""
-    return (w0 + _delta(w0, a_list, b_list, row_slot, col_slot, scale)).astype(dtype)
+    return (w0 + _delta(w0, a_list, b_list, blocks, scale)).astype(dtype)
 
 
 def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtype) -> mx.array:
@@ -120,16 +147,16 @@ def _block_weight(a: mx.array, b: mx.array, anchor: mx.array, scale: float, dtyp
     return (((scale * b) @ a) * anchor).astype(dtype)
 
 
-def _anchors(w0: mx.array, rows, cols) -> list[mx.array]:
-    """M_k = W0[rows_k][:, cols_k] (K = 1: rows, cols = [None]: W0 itself)."""
-    return [_gather(_gather_rows(w0, r), c) for r, c in zip(rows, cols)]
+def _anchors(w0: mx.array, blocks: Blocks) -> list[mx.array]:
+    """M_k = W0[rows_k][:, cols_k] (K = 1: W0 itself)."""
+    return [_gather(_gather_rows(w0, r), c) for r, c in zip(blocks.rows, blocks.cols)]
 
 
-def _factor_grads(g, x, a_list, b_list, anchors, rows, cols, scale):
+def _factor_grads(g, x, a_list, b_list, anchors, blocks: Blocks, scale):
     """dA_k, dB_k (in the parameters' dtypes) from the per-block `dW_k = g_k^T x_k`
     (g, x: 2-D); the anchor turns it into d(B A), and the scale goes on the small ends."""
     da, db = [], []
-    for a, b, m, r, c in zip(a_list, b_list, anchors, rows, cols):
+    for a, b, m, r, c in zip(a_list, b_list, anchors, blocks.rows, blocks.cols):
         d_ba = (_gather(g, r).T @ _gather(x, c)).astype(a.dtype) * m
         da.append((scale * (b.T @ d_ba)).astype(a.dtype))
         db.append((scale * (d_ba @ a.T)).astype(b.dtype))
@@ -151,7 +178,7 @@ def _folded(base, x, a_o, b_o, scale) -> mx.array:
     return _add_bias(base, y[..., 0, :] + update)
 
 
-def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scale):
+def _merged_matmul(base, x, a_list, b_list, blocks: Blocks, scale):
     """`x (W0 + ΔW)^T` (no bias) with the custom VJP described in the module docstring;
     computed in the dtype `x W0^T` has, as the base layer would."""
     k = len(a_list)
@@ -159,7 +186,7 @@ def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scal
     @mx.custom_function
     def merged(x, a_list, b_list):
         w0 = base_weight(base)
-        w = _merged_weight(w0, a_list, b_list, row_slot, col_slot, scale, mx.result_type(x, w0))
+        w = _merged_weight(w0, a_list, b_list, blocks, scale, mx.result_type(x, w0))
         return x @ w.T
 
     @merged.vjp
@@ -167,36 +194,36 @@ def _merged_matmul(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scal
         x, a_list, b_list = primals
         w0 = base_weight(base, after=cotangent)
         late = _tied(list(a_list) + list(b_list), cotangent)
-        w = _merged_weight(w0, late[:k], late[k:], row_slot, col_slot, scale, mx.result_type(x, w0))
+        w = _merged_weight(w0, late[:k], late[k:], blocks, scale, mx.result_type(x, w0))
         g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
-        da, db = _factor_grads(g2, x2, a_list, b_list, _anchors(w0, rows, cols), rows, cols, scale)
+        da, db = _factor_grads(g2, x2, a_list, b_list, _anchors(w0, blocks), blocks, scale)
         return (cotangent @ w).astype(x.dtype), da, db
 
     return merged(x, a_list, b_list)
 
 
-def _blocked_update(base, x, a_list, b_list, rows, cols, row_slot, col_slot, scale):
+def _blocked_update(base, x, a_list, b_list, blocks: Blocks, scale):
     """`x ΔW^T` block by block, with a custom VJP that recomputes W_k in the backward pass
     and returns the input gradient with a gather instead of MLX's scatter-add."""
 
     @mx.custom_function
     def update(x, a_list, b_list):
-        anchors = _anchors(base_weight(base), rows, cols)
+        anchors = _anchors(base_weight(base), blocks)
         z = [_gather(x, c) @ _block_weight(a, b, m, scale, mx.result_type(x, m)).T
-             for a, b, m, c in zip(a_list, b_list, anchors, cols)]
-        return _join(z, row_slot)
+             for a, b, m, c in zip(a_list, b_list, anchors, blocks.cols)]
+        return _join(z, blocks.row_slot)
 
     @update.vjp
     def update_vjp(primals, cotangent, output):
         x, a_list, b_list = primals
         k = len(a_list)
-        anchors = _anchors(base_weight(base, after=cotangent), rows, cols)
+        anchors = _anchors(base_weight(base, after=cotangent), blocks)
         late = _tied(list(a_list) + list(b_list), cotangent)
         g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
         dx = [_gather(g2, r) @ _block_weight(a, b, m, scale, mx.result_type(x, m))
-              for a, b, m, r in zip(late[:k], late[k:], anchors, rows)]
-        da, db = _factor_grads(g2, x2, a_list, b_list, anchors, rows, cols, scale)
-        return _join(dx, col_slot).reshape(x.shape).astype(x.dtype), da, db
+              for a, b, m, r in zip(late[:k], late[k:], anchors, blocks.rows)]
+        da, db = _factor_grads(g2, x2, a_list, b_list, anchors, blocks, scale)
+        return _join(dx, blocks.col_slot).reshape(x.shape).astype(x.dtype), da, db
 
     return update(x, a_list, b_list)
 
@@ -211,11 +238,18 @@ class SMoALinear(nn.Module):
         dropout: float = 0.0,
         branch_ranks=None,
         orders=None,
+        planner=cached_plan,
     ) -> "SMoALinear":
-        """Wrap `base`; `orders=(row_order, col_order)` skips the spectral plan (loading)."""
+        """Wrap `base`; `orders=(row_order, col_order)` skips the spectral plan (loading).
+
+        Otherwise `planner(float32 weight, num_blocks)` plans: by default
+        `plan_cache.cached_plan`, which reads and writes the on-disk score cache (the
+        same plan as `plan.make_plan`, instant the second time); pass `make_plan` to
+        plan without touching the disk.
+        """
         weight = base_weight(base)
         if orders is None:
-            plan = make_plan(np.array(weight.astype(mx.float32)), num_blocks)
+            plan = planner(np.array(weight.astype(mx.float32)), num_blocks)
             orders = (plan.row_order, plan.col_order)
         return SMoALinear(base, weight, orders, rank, num_blocks, alpha, dropout, branch_ranks)
 
@@ -226,12 +260,12 @@ class SMoALinear(nn.Module):
         if sorted(row_order.tolist()) != list(range(d_out)) or sorted(
             col_order.tolist()
         ) != list(range(d_in)):
-            raise ValueError(
+            raise AdapterError(
                 f"row_order/col_order must be permutations of {d_out}/{d_in} indices, got "
                 f"lengths {len(row_order)}/{len(col_order)}"
             )
         if num_blocks > min(d_out, d_in):
-            raise ValueError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {weight.shape}")
+            raise ConfigError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {weight.shape}")
         self.linear = base
         self.rank, self.num_blocks, self.alpha = int(rank), int(num_blocks), float(alpha)
         self.branch_ranks = split_rank(self.rank, self.num_blocks, branch_ranks)
@@ -243,11 +277,12 @@ class SMoALinear(nn.Module):
 
         self.out_sizes = split_sizes(d_out, self.num_blocks)
         self.in_sizes = split_sizes(d_in, self.num_blocks)
-        # Per-block original indices, and each original index's position in block order.
-        self._rows = [mx.array(r.astype(np.uint32)) for r in np.array_split(row_order, num_blocks)]
-        self._cols = [mx.array(c.astype(np.uint32)) for c in np.array_split(col_order, num_blocks)]
-        self._row_slot = mx.array(np.argsort(row_order).astype(np.uint32))
-        self._col_slot = mx.array(np.argsort(col_order).astype(np.uint32))
+        self._blocks = Blocks(
+            [mx.array(r.astype(np.uint32)) for r in np.array_split(row_order, num_blocks)],
+            [mx.array(c.astype(np.uint32)) for c in np.array_split(col_order, num_blocks)],
+            mx.array(np.argsort(row_order).astype(np.uint32)),
+            mx.array(np.argsort(col_order).astype(np.uint32)),
+        )
 
         self.smoa_a = [
             mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (r, i))
@@ -261,17 +296,17 @@ class SMoALinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (sum(self.out_sizes), sum(self.in_sizes))
 
-    def _factors(self):
-        """(A list, B list, rows, cols, row_slot, col_slot) for the evaluations above.
+    def _factors(self) -> tuple[list, list, Blocks]:
+        """(A list, B list, where the blocks sit) for the evaluations above.
 
         K = 1 works in the base weight's own coordinates: A's columns and B's rows are
         permuted instead of the input, the output and the weight.
         """
         if self.num_blocks == 1:
-            a = [_gather(self.smoa_a[0], self._col_slot)]
-            b = [_gather_rows(self.smoa_b[0], self._row_slot)]
-            return a, b, [None], [None], None, None
-        return self.smoa_a, self.smoa_b, self._rows, self._cols, self._row_slot, self._col_slot
+            a = [_gather(self.smoa_a[0], self._blocks.col_slot)]
+            b = [_gather_rows(self.smoa_b[0], self._blocks.row_slot)]
+            return a, b, WHOLE
+        return self.smoa_a, self.smoa_b, self._blocks
 
     def _path(self, x: mx.array) -> str:
         """Which evaluation serves `x`: it depends on the number of rows and on whether
@@ -286,22 +321,21 @@ class SMoALinear(nn.Module):
         return "merged"
 
     def __call__(self, x: mx.array) -> mx.array:
-        a, b, rows, cols, row_slot, col_slot = self._factors()
+        a, b, blocks = self._factors()
         path = self._path(x)
         if path == "folded":
-            return _folded(self.linear, x, *_embedded(a, b, row_slot, col_slot), self.scale)
+            return _folded(self.linear, x, *_embedded(a, b, blocks), self.scale)
         if path == "merged":
-            y = _merged_matmul(self.linear, x, a, b, rows, cols, row_slot, col_slot, self.scale)
-            return _add_bias(self.linear, y)
+            return _add_bias(self.linear, _merged_matmul(self.linear, x, a, b, blocks, self.scale))
         x_in = x if self.dropout is None else self.dropout(x)
-        z = _blocked_update(self.linear, x_in, a, b, rows, cols, row_slot, col_slot, self.scale)
+        z = _blocked_update(self.linear, x_in, a, b, blocks, self.scale)
         y = self.linear(x)
         return y + z.astype(y.dtype)
 
     def delta_weight(self) -> mx.array:
         """The dense scaled update in original coordinates, (d_out, d_in)."""
-        a, b, _, _, row_slot, col_slot = self._factors()
-        return _delta(base_weight(self.linear), a, b, row_slot, col_slot, self.scale)
+        a, b, blocks = self._factors()
+        return _delta(base_weight(self.linear), a, b, blocks, self.scale)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain layer with `W0 + ΔW`; re-quantized like the base unless `dequantize`."""

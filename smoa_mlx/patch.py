@@ -12,7 +12,8 @@ from .archs import (
     ADAPTABLE, ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, decoder_layers, default_targets, layer_index,
 )
 from .errors import ConfigError
-from .layer import SMoALinear
+from .layer import SMoALinear, adapter_layers
+from .layouts.names import natural_key
 from .switch import SMoASwitchLinear
 
 # The authors' default targets (SPEC §1), in Llama's names; `archs.TARGETS` has the others.
@@ -26,11 +27,6 @@ def linear_paths(model: nn.Module) -> list[str]:
     """Module paths of every plain, quantized or MoE-expert linear layer, layers in numeric order."""
     paths = [p for p, m in model.named_modules() if isinstance(m, ADAPTABLE)]
     return sorted(paths, key=natural_key)
-
-
-def natural_key(path: str):
-    """Sort key putting `layers.10` after `layers.9`."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
 def _matches(path: str, key: str) -> bool:
@@ -148,8 +144,7 @@ def _progress(modules: dict, paths: list[str]):
 
 
 def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, SMOA_TYPES)}
-    return {p: layers[p] for p in sorted(layers, key=natural_key)}
+    return adapter_layers(model, SMOA_TYPES)
 
 
 def summarize(model: nn.Module) -> dict:

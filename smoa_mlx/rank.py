@@ -15,8 +15,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.lora import LoRALinear
 
-from .layer import SMoALinear
-from .patch import layer_relative, natural_key
+from .errors import AdapterError
+from .layer import SMoALinear, adapter_layers
+from .patch import layer_relative
 
 REL_TOL = 0.01
 
@@ -32,8 +33,7 @@ def delta_weight(module: nn.Module) -> mx.array:
 
 def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
     """ΔW of every SMoA / LoRA layer of `model`, by module path (layers in numeric order)."""
-    found = {p: m for p, m in model.named_modules() if isinstance(m, (SMoALinear, LoRALinear))}
-    return {p: delta_weight(found[p]) for p in sorted(found, key=natural_key)}
+    return {p: delta_weight(m) for p, m in adapter_layers(model, (SMoALinear, LoRALinear)).items()}
 
 
 def singular_values(delta) -> np.ndarray:
@@ -59,7 +59,7 @@ def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
     """Per adapted module: its shape, the cap min(d_out, d_in), and both effective ranks."""
     deltas = adapter_deltas(model)
     if not deltas:
-        raise ValueError("the model has no SMoA or LoRA layers to measure")
+        raise AdapterError("the model has no SMoA or LoRA layers to measure")
     modules = {}
     for path, delta in deltas.items():
         delta = np.array(delta.astype(mx.float32))

@@ -32,8 +32,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .layer import _tied, base_weight, make_plan
+from .layer import _tied, base_weight
 from .plan import split_rank, split_sizes
+from .plan_cache import cached_plan
 
 
 def _block_diagonal(parts: list[mx.array]) -> mx.array:
@@ -88,14 +89,16 @@ class SMoASwitchLinear(nn.Module):
         branch_ranks=None,
         orders=None,
         on_plan=None,
+        planner=cached_plan,
     ) -> "SMoASwitchLinear":
         """Wrap `base`; `orders=(row_orders, col_orders)`, (E, d_out) and (E, d_in), skips
-        planning; otherwise every expert is planned and `on_plan()` called after each."""
+        planning; otherwise every expert is planned by `planner` (as `SMoALinear.from_base`)
+        and `on_plan()` called after each."""
         if orders is None:
             weight = base_weight(base)
             plans = []
             for e in range(weight.shape[0]):
-                plans.append(make_plan(np.array(weight[e].astype(mx.float32)), num_blocks))
+                plans.append(planner(np.array(weight[e].astype(mx.float32)), num_blocks))
                 if on_plan is not None:
                     on_plan()
             orders = (np.stack([p.row_order for p in plans]), np.stack([p.col_order for p in plans]))

@@ -1,10 +1,12 @@
 """Shared fixtures: generated tiny models (always) and the real ../shared fixtures (CI)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared beside the checkout, or wherever SMOA_MLX_SHARED points (git worktrees)
+SHARED = Path(os.environ.get("SMOA_MLX_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 STORIES = SHARED / "models" / "stories260K-hf"
 DATASETS = SHARED / "datasets"
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import smoa_mlx
-import smoa_mlx.layer
+import smoa_mlx.plan_cache
 from smoa_mlx.adapters import load_adapter, save_adapter, smoa_config
 from smoa_mlx.patch import apply_smoa, smoa_layers
 from smoa_mlx.synthetic import make_llama
@@ -76,7 +76,8 @@ def test_round_trip_is_exact(model_dir, tmp_path, monkeypatch):
     def no_plan(*args, **kwargs):
         raise AssertionError("loading an adapter must not compute a spectral plan")
 
-    monkeypatch.setattr(smoa_mlx.layer, "make_plan", no_plan)
+    monkeypatch.setattr(smoa_mlx.plan_cache, "plan_from_scores", no_plan)  # cached or not
+    monkeypatch.setattr(smoa_mlx.plan_cache, "spectral_scores", no_plan)
     monkeypatch.setattr(np.linalg, "svd", no_plan)
     monkeypatch.setattr(np.linalg, "eigh", no_plan)
     fresh = load(model_dir)
@@ -251,3 +252,82 @@ def test_mlx_lm_lora_adapter_loads(tiny_model_dir, tmp_path):
     )
     loaded, _ = smoa_mlx.load(str(tiny_model_dir), adapter_path=str(out))
     np.testing.assert_allclose(np.array(loaded(TOKENS)), np.array(logits), rtol=1e-6, atol=1e-6)
+
+
+def error_line(capsys) -> str:
+    """stderr's one line, past the once-per-process BLAS warning."""
+    lines = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def _edit_config(edit):
+    def change(out):
+        path = out / "adapter_config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(config)))
+    return change
+
+
+def _without(*keys):
+    return lambda c: {k: v for k, v in c.items() if k not in keys}
+
+
+def _params(**kw):
+    return lambda c: {**c, "smoa_parameters": {**c["smoa_parameters"], **kw}}
+
+
+def _write(data: bytes):
+    return lambda out: (out / "adapter_config.json").write_bytes(data)
+
+
+@pytest.mark.parametrize("change,message", [
+    (_edit_config(lambda c: [c]), "expected a JSON object, found a list"),
+    (_edit_config(_without("fine_tune_type")), "fine_tune_type is missing"),
+    (_edit_config(lambda c: {**c, "fine_tune_type": "qlora"}), "fine_tune_type 'qlora' is not one of"),
+    (_edit_config(_without("smoa_parameters")), "smoa_parameters is missing"),
+    (_edit_config(lambda c: {**c, "smoa_parameters": [8, 2]}), "smoa_parameters must be an object"),
+    (_edit_config(_params(rank="8")), "smoa_parameters.rank must be an integer >= 1, got '8'"),
+    (_edit_config(_params(num_blocks=0)), "smoa_parameters.num_blocks must be an integer >= 1"),
+    (_edit_config(_params(alpha=None)), "smoa_parameters.alpha is missing"),
+    (_edit_config(_params(branch_ranks=[1, "2"])), "smoa_parameters.branch_ranks must be a list of integers"),
+    (_edit_config(_params(branch_ranks=[1, 1, 1])), "branch_ranks [1, 1, 1] must have num_blocks=3"),
+    (_edit_config(lambda c: {**c, "modules": "q_proj"}), "modules must be a list of module names"),
+    (_edit_config(lambda c: {**c, "fingerprints": {"x": "abc"}}), "fingerprints must map module paths"),
+    (_edit_config(lambda c: {"fine_tune_type": "lora", "num_layers": 2}), "lora_parameters is missing"),
+    (_edit_config(lambda c: {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4}}),
+     "lora_parameters.scale is missing"),
+    (_edit_config(lambda c: {"fine_tune_type": "dora", "num_layers": "all", "lora_parameters": {}}),
+     "num_layers must be an integer"),
+    (_write(b'{"fine_tune_type": "smoa",\n "modules": [}'), "adapter_config.json:2: invalid JSON"),
+    (_write(b"\x89PNG\r\n\x1a\n\xff\xfe"), "adapter_config.json: not a text file"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None)
+def test_malformed_adapter_config_is_one_line(change, message, saved, tiny_model_dir, tmp_path, capsys):
+    """Every command reading an adapter (here fuse) names the config and exits 1, no traceback."""
+    from smoa_mlx.cli import run
+    from smoa_mlx.fuse import main
+
+    _, out = saved
+    change(out)
+    with pytest.raises(SystemExit) as e:
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(out), "--save-path", str(tmp_path / "f")])
+    err = error_line(capsys)
+    assert e.value.code == 1 and message in err and str(out) in err
+    assert not (tmp_path / "f").exists()
+
+
+def test_mlx_lm_adapter_with_foreign_tensors_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """mlx-lm's own loader reports incompatible tensors over several lines: cut to one."""
+    from smoa_mlx.cli import run
+    from smoa_mlx.fuse import main
+
+    out = tmp_path / "lora"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), {"model.layers.1.self_attn.q_proj.lora_c": mx.zeros(3)})
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 1.0, "dropout": 0.0}}))
+    with pytest.raises(SystemExit) as e:
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(out), "--save-path", str(tmp_path / "f")])
+    err = error_line(capsys)
+    assert e.value.code == 1
+    assert "lora_c: not an adapter parameter in the model" in err and str(out) in err

@@ -130,8 +130,12 @@ def authors_orders(w: torch.Tensor):
     return order(u), order(vh.T)
 
 
-def test_independent_authors_adapter_imports(base, tmp_path):
-    """An authors'-layout adapter built here, not by our exporter, imports and matches."""
+def authors_adapter(base, src, loaded_in=torch.float32):
+    """An authors'-layout adapter in `src`, built here, not by our exporter, with the orders
+    their loader computes from the base loaded in dtype `loaded_in` (bfloat16 is their
+    default), and the logits it gives (the rest of the model in float32, so only the
+    orders differ between dtypes); also how many modules' orders `make_plan` of the
+    float32 weight does not reproduce."""
     r, k_blocks, alpha = 4, 2, 8
     gen = torch.Generator().manual_seed(0)
     model = hf_model(base)
@@ -140,7 +144,7 @@ def test_independent_authors_adapter_imports(base, tmp_path):
         if name.rsplit(".", 1)[-1] not in TARGETS:
             continue
         w = mod.weight.detach()
-        rows, cols = authors_orders(w)
+        rows, cols = authors_orders(w.to(loaded_in))
         plan = make_plan(w.numpy(), k_blocks)
         differ += not (np.array_equal(plan.row_order, rows.numpy()) and np.array_equal(plan.col_order, cols.numpy()))
         delta = torch.zeros_like(w)
@@ -151,7 +155,6 @@ def test_independent_authors_adapter_imports(base, tmp_path):
             tensors_out[f"base_model.model.{name}.lora_B.{k}.weight"] = b
             delta[ri[:, None], ci[None, :]] = (b @ a) * w[ri][:, ci] * (alpha / r)
         deltas[name] = delta
-    src = tmp_path / "authors"
     src.mkdir()
     safetensors_torch.save_file(tensors_out, str(src / "adapter_model.safetensors"))
     (src / "adapter_config.json").write_text(json.dumps({
@@ -164,14 +167,53 @@ def test_independent_authors_adapter_imports(base, tmp_path):
     reference = torch_logits(model)
     for h in hooks:
         h.remove()
+    return reference, differ, len(deltas)
 
+
+def test_independent_authors_adapter_imports(base, tmp_path):
+    """An authors'-layout adapter built here, not by our exporter, imports and matches."""
+    src = tmp_path / "authors"
+    reference, differ, n = authors_adapter(base, src)
     report = import_adapter("smoa", base, src, tmp_path / "mlx", measure_parity=False)
-    print(f"\n{base}: authors' float32-SVD orders differ from make_plan in {differ}/{len(deltas)} modules; "
+    print(f"\n{base}: authors' float32-SVD orders differ from make_plan in {differ}/{n} modules; "
           f"boundary gap {report['boundary_gap']:.3g}, within-order gap {report['order_gap']:.3g}, "
           f"{len(report['at_risk'])} modules flagged as near-ties")
     assert differ == 0, "make_plan disagrees with the authors' float32 SVD on this base"
     assert_parity(base, "authors' layout import, logits vs independent torch reference",
                   mlx_logits(base, tmp_path / "mlx"), reference)
+
+
+def test_authors_bfloat16_orders_need_plan_dtype(base, tmp_path, capsys):
+    """The authors' loader loads the base in bfloat16 by default and plans from the rounded
+    weight: such an adapter matches its logits when imported with plan_dtype="bfloat16"
+    and not without; exporting it back says which loader dtype would agree."""
+    src = tmp_path / "authors"
+    reference, differ, n = authors_adapter(base, src, loaded_in=torch.bfloat16)
+    assert differ > 0, "bfloat16 rounding changes no order on this base: the test would prove nothing"
+    import_adapter("smoa", base, src, tmp_path / "mlx16", measure_parity=False, plan_dtype="bfloat16")
+    with capsys.disabled():
+        assert_parity(base, "authors' bfloat16-planned adapter, import with plan_dtype=bfloat16",
+                      mlx_logits(base, tmp_path / "mlx16"), reference)
+    import_adapter("smoa", base, src, tmp_path / "mlx32", measure_parity=False)
+    wrong = rel(mlx_logits(base, tmp_path / "mlx32"), reference)
+    with capsys.disabled():
+        record(base, "authors' bfloat16-planned adapter, import without plan_dtype", wrong)
+        print(f"\n{base}: bfloat16 orders differ from float32 make_plan in {differ}/{n} modules; "
+              f"logit error without plan_dtype {wrong:.3g}")
+    assert wrong > 100 * TOL
+    assert json.loads((tmp_path / "mlx16" / "adapter_config.json").read_text())["plan_dtype"] == "bfloat16"
+
+    capsys.readouterr()
+    report = export_adapter("smoa", base, tmp_path / "mlx16", tmp_path / "pt", measure_parity=False)
+    assert report["bfloat16_orders_differ"] == [] and len(report["recomputed_orders_differ"]) == differ
+    assert "loading the base in bfloat16 (torch_dtype=torch.bfloat16) it recomputes the saved orders" in \
+        capsys.readouterr().out
+    model = hf_model(base)
+    apply_adapter(model, tmp_path / "pt")  # reads smoa_orders.safetensors: no recomputation at all
+    assert rel(torch_logits(model), reference) < TOL
+    model = hf_model(base)
+    apply_adapter(model, src, plan_dtype="bfloat16")  # the authors' files: recomputes, as they do
+    assert rel(torch_logits(model), reference) < TOL
 
 
 def test_recomputed_orders_come_from_the_training_plan(tiny_model_dir, tmp_path, monkeypatch):
@@ -277,13 +319,38 @@ def test_real_peft_lora_imports(base, tmp_path):
                   mlx_logits(base, tmp_path / "mlx"), torch_logits(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_any_float_dtype_is_cast_to_float32_with_a_note(dtype, tiny_model_dir, tmp_path, capsys):
+    """PEFT saves adapters in the dtype they trained in; import casts to float32 and says so.
+    The values are those of the saved tensors (float64 -> float32 rounds, the rest is exact)."""
+    base = str(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(hf_model(base), cfg).save_pretrained(str(tmp_path / "pt"))
+    weights = tmp_path / "pt" / "adapter_model.safetensors"
+    saved = {k: v.to(dtype) for k, v in safetensors_torch.load_file(str(weights)).items()}
+    safetensors_torch.save_file(saved, str(weights))
+    import_adapter("lora", base, tmp_path / "pt", tmp_path / "mlx", measure_parity=False)
+    name = {torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+    assert f"holds {name} tensors; cast to float32" in capsys.readouterr().out
+    got = tensors(tmp_path / "mlx" / "adapters.safetensors")
+    for key, value in saved.items():
+        path, leaf = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        mine = got[f"{path}.lora_{leaf[0].lower()}"]
+        assert mine.dtype == np.float32
+        np.testing.assert_array_equal(mine, value.float().numpy().T)
+
+
 # ---------------------------------------------------------------- command line and bad input
 
 
 def cli(argv, capsys):
+    """(exit code, captured out/err), err without the once-per-process BLAS warning."""
     with pytest.raises(SystemExit) as e:
         run(main, argv)
-    return e.value.code, capsys.readouterr()
+    res = capsys.readouterr()
+    err = "".join(x for x in res.err.splitlines(keepends=True) if not x.startswith("warning: MLX's CPU backend"))
+    return e.value.code, type(res)(res.out, err)
 
 
 def test_help(capsys):
@@ -325,9 +392,9 @@ KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.0.weight"
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", f"missing key {KEY}"),
-    ("extra", "unexpected key base_model.model.model.layers.0.self_attn.o_proj.lora_A.0.weight"),
-    ("shape", f"key {KEY} has shape (2, 31), expected (2, 32)"),
+    ("missing", f"missing tensor {KEY}"),
+    ("extra", "unexpected tensor base_model.model.model.layers.0.self_attn.o_proj.lora_A.0.weight"),
+    ("shape", f"tensor {KEY} has shape (2, 31), expected (2, 32)"),
     ("peft_type", "peft_type is 'SMOA', expected 'LORA'"),
     ("pickle", "pickle checkpoints are refused"),
     ("pickle_file", "pickle checkpoints are refused"),
@@ -383,3 +450,106 @@ def test_output_directory_is_replaced_whole_or_not_at_all(exported, tiny_model_d
     assert code == 1 and "holds notes.txt" in res.err
     assert (out / "notes.txt").read_text() == "mine" and (out / "adapters.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging leftovers
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def config_edit(**changes):
+    def edit(src):
+        path = src / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def orders_edit(edit):
+    def change(src):
+        path = src / ORDERS
+        t = {k: v.numpy() for k, v in safetensors_torch.load_file(str(path)).items()}
+        edit(t)
+        safetensors_torch.save_file({k: torch.from_numpy(v) for k, v in t.items()}, str(path))
+    return change
+
+
+ROWS = "base_model.model.model.layers.0.self_attn.q_proj.row_order"
+WEIGHTS = "adapter_model.safetensors"
+MALFORMED = [
+    # adapter_config.json
+    (lambda s: (s / "adapter_config.json").write_text("[1, 2]"), "adapter_config.json: expected a JSON object, found a list"),
+    (lambda s: (s / "adapter_config.json").write_text('{"r": 4,\n "x": }'), "adapter_config.json:2: invalid JSON"),
+    (config_edit(peft_type=None), "adapter_config.json: peft_type is None, expected 'SMOA'"),
+    (config_edit(r=None), "adapter_config.json: r is missing"),
+    (config_edit(r="4"), "adapter_config.json: r must be an integer >= 1, got '4'"),
+    (config_edit(r=0), "adapter_config.json: r must be an integer >= 1, got 0"),
+    (config_edit(r=4.5), "adapter_config.json: r must be an integer >= 1, got 4.5"),
+    (config_edit(target_modules=5), "adapter_config.json: target_modules must be a list of module names or a regex"),
+    (config_edit(target_modules="q_proj(["), "adapter_config.json: target_modules 'q_proj([' is not a valid regex"),
+    (config_edit(target_modules=["nothing_here"]), "adapter_config.json: target_modules ['nothing_here'] match no"),
+    (config_edit(rank_pattern={"q_proj": "2"}), "adapter_config.json: rank_pattern['q_proj'] must be an integer"),
+    (config_edit(rank_pattern="q_proj"), "adapter_config.json: rank_pattern must be an object"),
+    (config_edit(alpha_pattern={"(": 2}), "adapter_config.json: alpha_pattern '(' is not a valid regex"),
+    (config_edit(lora_alpha="8"), "adapter_config.json: lora_alpha must be a number, got '8'"),
+    (config_edit(lora_dropout=-0.1), "adapter_config.json: lora_dropout must be a number >= 0"),
+    (config_edit(layers_to_transform="0"), "adapter_config.json: layers_to_transform must be a list of integers"),
+    (config_edit(num_blocks=0), "adapter_config.json: num_blocks must be an integer >= 1, got 0"),
+    (config_edit(branch_ranks=[3, 3]), "adapter_config.json: branch_ranks [3, 3] must have num_blocks=2"),
+    (config_edit(bias="all"), "adapter_config.json: bias='all' is not supported"),
+    # adapter_model.safetensors
+    (lambda s: (s / WEIGHTS).write_bytes(b"abc"), f"{WEIGHTS}: not a safetensors file (header length"),
+    (lambda s: (s / WEIGHTS).write_bytes(b"\x04\0\0\0\0\0\0\0{{{{"), f"{WEIGHTS}: not a safetensors file (header is not JSON"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes([1])), f"{WEIGHTS}: not a safetensors file (header is not a JSON object)"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, b"\0")),
+     f"{WEIGHTS}: tensor t has dtype F8_E4M3"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)),
+     f"{WEIGHTS}: tensor t (F32 [4]) does not fit bytes 0-16 of the 8"),
+    (lambda s: (s / WEIGHTS).write_bytes(safetensors_bytes({"t": {"dtype": "F32", "shape": "4"}})),
+     f"{WEIGHTS}: tensor t has a malformed header entry"),
+    # smoa_orders.safetensors
+    (orders_edit(lambda t: t.update({ROWS: t[ROWS].astype(np.float32)})), f"{ORDERS}: {ROWS} is not a permutation"),
+    (orders_edit(lambda t: t.update({ROWS: np.zeros_like(t[ROWS])})), f"{ORDERS}: {ROWS} is not a permutation"),
+    (orders_edit(lambda t: t.update({ROWS: t[ROWS][:5].copy()})), f"{ORDERS}: tensor {ROWS} has shape (5,), expected (64,)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED, ids=[m[1].split(": ", 1)[-1][:48] for m in MALFORMED])
+def test_malformed_peft_files_are_one_line(edit, message, exported, tiny_model_dir, tmp_path, capsys):
+    """Every file import reads: a bad one is one line naming it, exit 1, nothing written."""
+    src = tmp_path / "src"
+    shutil.copytree(exported[1], src)
+    edit(src)
+    out = tmp_path / "out"
+    code, res = cli(["import", "--format", "smoa", "--model", str(tiny_model_dir), "--src", str(src),
+                     "--out", str(out), "--no-parity"], capsys)
+    assert code == 1 and res.err.count("\n") == 1 and res.err.startswith(f"error: {src}"), res.err
+    assert message in res.err
+    assert not out.exists()
+
+
+def test_plan_dtype_is_for_smoa_only(exported, tiny_model_dir, tmp_path, capsys):
+    code, res = cli(["import", "--format", "lora", "--model", str(tiny_model_dir), "--src", str(exported[1]),
+                     "--out", str(tmp_path / "out"), "--plan-dtype", "bfloat16"], capsys)
+    assert code == 1 and "--plan-dtype applies to --format smoa only" in res.err
+
+
+
+def test_pickle_refusal_gives_a_command_that_converts_it(exported, tiny_model_dir, tmp_path, capsys):
+    """The authors' save_pretrained writes adapter_model.bin: refused, and the command the
+    message gives (run by the user, never by us) turns it into an adapter that imports."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(exported[1] / "adapter_config.json", src)
+    torch.save(safetensors_torch.load_file(str(exported[1] / "adapter_model.safetensors")), src / "adapter_model.bin")
+    args = ["import", "--format", "smoa", "--model", str(tiny_model_dir), "--src", str(src), "--no-parity"]
+    code, res = cli(args + ["--out", str(tmp_path / "refused")], capsys)
+    assert code == 1 and "pickle checkpoints are refused" in res.err
+    command = res.err.split("python -c ", 1)[1].split('" (README')[0].strip('"')
+    subprocess.run([sys.executable, "-c", command], cwd=src, check=True)
+    assert cli(args + ["--out", str(tmp_path / "mlx")], capsys)[0] == 0
+    import_adapter("smoa", str(tiny_model_dir), exported[1], tmp_path / "direct", measure_parity=False)
+    got, want = tensors(tmp_path / "mlx" / "adapters.safetensors"), tensors(tmp_path / "direct" / "adapters.safetensors")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)

@@ -107,6 +107,17 @@ def test_from_base_plans_through_the_cache(cache, monkeypatch):
         SMoALinear.from_base(base, rank=4, num_blocks=13)
 
 
+def test_from_base_without_the_cache_touches_no_file(cache):
+    """The cache is the caller's choice: `planner=make_plan` plans the same, writing nothing."""
+    base = nn.Linear(20, 12)
+    layer = SMoALinear.from_base(base, rank=4, num_blocks=2, planner=make_plan)
+    assert not cache.exists()
+    cached = SMoALinear.from_base(base, rank=4, num_blocks=2)
+    assert len(list((cache / "plans").iterdir())) == 1
+    np.testing.assert_array_equal(np.array(layer.row_order), np.array(cached.row_order))
+    np.testing.assert_array_equal(np.array(layer.col_order), np.array(cached.col_order))
+
+
 def test_mlx_and_numpy_scoring_give_the_same_plan(monkeypatch):
     """Scores run in MLX on a fast BLAS, else in NumPy: both must decide the same blocks."""
     import smoa_mlx.plan as plan

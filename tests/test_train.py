@@ -443,10 +443,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, arith, tmp_pat
 
 
 def test_cli_errors_are_one_line(tiny_model_dir, arith, tmp_path):
-    """Offline, the embedded default model is a one-line error naming --model; bad data too."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """Offline, a hub model is a one-line error naming --model; bad data too."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "a"
-    proc = subprocess.run([sys.executable, "-m", "smoa_mlx.train", "--adapter-path", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "smoa_mlx.train", "--adapter-path", str(out),
+                           "--model", "mlx-community/Llama-3.2-1B-Instruct-4bit"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     lines = [x for x in proc.stderr.splitlines() if not x.startswith("warning:")]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr

@@ -9,13 +9,14 @@ into place, and MLX-vs-PyTorch parity is measured when PyTorch is installed.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..adapters import CONFIG, load_adapter
-from ..files import read_json
+from ..adapters import read_adapter_config
+from ..errors import AdapterError, ConfigError
+from ..files import staged_dir
+from ..layouts.names import check_model_type
+from ..layouts.peft_io import read_peft_dir
+from ..loader import load_base
+from ..loader import model_dir as local_dir
 from . import hira, lora, parity, smoa
-from .names import check_model_type
-from .peft_io import read_peft_dir, staged_dir
 
 # format -> (peft_type, import function, export function)
 FORMATS = {
@@ -25,53 +26,45 @@ FORMATS = {
 }
 
 
-def local_dir(path_or_repo: str) -> Path:
-    """The local directory of a model path or an already downloaded Hugging Face repo."""
-    from mlx_lm.utils import hf_repo_to_path
-
-    path = Path(path_or_repo)
-    return path if path.exists() else hf_repo_to_path(path_or_repo)
-
-
-def load_base(model: str, adapter_path=None):
-    """(mlx-lm model with the adapter if given, tokenizer, config, local model dir)."""
-    from mlx_lm.utils import load
-
-    mlx_model, tokenizer, config = load(model, return_config=True)
-    if adapter_path is not None:
-        load_adapter(mlx_model, adapter_path)
-    mlx_model.eval()
-    return mlx_model, tokenizer, config, local_dir(model)
-
-
 def _format(fmt: str):
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[fmt]
 
 
-def _parity(fmt, model_dir, mlx_model, torch_adapter, log):
+def _parity(fmt, model_dir, mlx_model, torch_adapter, log, plan_dtype=None):
     reason = parity.skip_reason(fmt, model_dir)
     if reason:
         log(f"parity: skipped ({reason})")
         return None
-    result = parity.measure(fmt, model_dir, mlx_model, torch_adapter)
+    result = parity.measure(fmt, model_dir, mlx_model, torch_adapter, plan_dtype)
     log(parity.describe(result))
     return result
 
 
-def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, log=print) -> dict:
-    """Convert the PyTorch adapter in `src` (trained on `model`) into the MLX adapter `out`."""
+def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, log=print,
+                   plan_dtype: str | None = None) -> dict:
+    """Convert the PyTorch adapter in `src` (trained on `model`) into the MLX adapter `out`.
+
+    `plan_dtype` (smoa only): recompute missing orders from the base weight rounded to
+    "bfloat16" or "float16", as the authors' loader does with the base in that dtype.
+    """
     peft_type, importer, _ = _format(fmt)
+    if plan_dtype is not None and fmt != "smoa":
+        raise ConfigError("--plan-dtype applies to --format smoa only")
     peft = read_peft_dir(src, peft_type)
+    note = peft.cast_note()
+    if note:
+        log(note)
     mlx_model, _, config, model_dir = load_base(model)
     check_model_type(config.get("model_type"))
+    extra = {"plan_dtype": plan_dtype} if plan_dtype else {}
     with staged_dir(out) as tmp:
-        report = importer(mlx_model, peft, model, tmp, log=log)
+        report = importer(mlx_model, peft, model, tmp, log=log, **extra)
     log(f"wrote MLX adapter {out} ({fmt} from {src})")
     if measure_parity:
         adapted, _, _, _ = load_base(model, out)
-        report["parity"] = _parity(fmt, model_dir, adapted, src, log)
+        report["parity"] = _parity(fmt, model_dir, adapted, src, log, plan_dtype)
     return report
 
 
@@ -79,9 +72,9 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
                    log=print) -> dict:
     """Write the SMoA adapter `adapter_path` (on base `model`) as a PyTorch adapter `out`."""
     _, _, exporter = _format(fmt)
-    kind = read_json(Path(adapter_path) / CONFIG).get("fine_tune_type", "lora")
+    kind = read_adapter_config(adapter_path).get("fine_tune_type", "lora")
     if kind != "smoa":
-        raise ValueError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
+        raise AdapterError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
     mlx_model, _, config, model_dir = load_base(model, adapter_path)
     check_model_type(config.get("model_type"))
     if "quantization" in config:

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--src", required=True,
                      help="PyTorch adapter directory (adapter_config.json + adapter_model.safetensors).")
     imp.add_argument("--out", required=True, help="MLX adapter directory to write.")
+    imp.add_argument("--plan-dtype", choices=["bfloat16", "float16"], default=None,
+                     help="smoa only: recompute the orders (when the adapter has no smoa_orders.safetensors) "
+                          "from the base weight rounded to this dtype, as the authors' loader does when it "
+                          "loads the base in it (bfloat16 is its default); default: the weight as stored.")
     exp.add_argument("--adapter-path", required=True, help="MLX SMoA adapter directory.")
     exp.add_argument("--out", required=True, help="PyTorch adapter directory to write.")
     exp.add_argument("--rank", type=int, default=None,
@@ -43,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "import":
-        import_adapter(args.format, args.model, args.src, args.out, not args.no_parity)
+        import_adapter(args.format, args.model, args.src, args.out, not args.no_parity,
+                       plan_dtype=args.plan_dtype)
     else:
         if args.rank is not None and args.format != "lora":
             raise UsageError("--rank applies to --format lora only")

@@ -14,37 +14,34 @@ import numpy as np
 
 from ..adapters import save_adapter, smoa_config
 from ..patch import apply_smoa, smoa_layers
-from .names import linear_shapes, pattern_value, peft_key, select_targets, target_modules
-from .peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir
+from ..errors import AdapterError
+from ..layouts.names import peft_key, target_modules
+from ..layouts.peft_io import PeftConfig, PeftDir, factor_shapes, write_peft_dir
+from ..layouts.tensors import pad_rank
+from .base import linear_shapes
 
 PEFT_TYPE = "HIRA"
 
 
-def _rank(hira_a, cfg: dict, path: str) -> int:
+def _rank(hira_a, cfg: PeftConfig, path: str) -> int:
     """The module's rank: `rank_pattern`'s, or `r` as peft 0.21 actually builds (and saves) it.
 
     peft 0.21's HiRA dispatcher ignores `rank_pattern` when it creates a layer, so the
     files it writes have rank `r` everywhere; a later peft may honour the pattern.
     """
-    ranks = (int(pattern_value(cfg.get("rank_pattern"), path, cfg["r"])), int(cfg["r"]))
+    ranks = (cfg.rank_of(path), cfg.r)
     return hira_a.shape[0] if hira_a is not None and hira_a.shape[0] in ranks else ranks[0]
 
 
 def import_hira(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
-    cfg, where = peft.config, peft.path / "adapter_config.json"
-    refuse_options(cfg, where, {"fan_in_fan_out": (None,), "modules_to_save": (None,)})
+    cfg = peft.config
+    cfg.refuse({"fan_in_fan_out": (None,), "modules_to_save": (None,)})
     shapes = linear_shapes(model)
-    paths = select_targets(cfg, list(shapes), where)
+    paths = cfg.targets(list(shapes))
     ranks = {p: _rank(peft.tensors.get(peft_key(p, "hira_A")), cfg, p) for p in paths}
-    expected = {}
-    for p in paths:
-        why = f"{p} is {shapes[p]} in the base model, r={ranks[p]}"
-        expected[peft_key(p, "hira_A")] = ((ranks[p], shapes[p][1]), why)
-        expected[peft_key(p, "hira_B")] = ((shapes[p][0], ranks[p]), why)
-    check_tensors(peft.tensors, expected, peft.weights_file)
+    peft.check(*factor_shapes(paths, shapes, ranks, "hira_A", "hira_B"))
     rank = max(ranks.values())
-    apply_smoa(model, keys=paths, rank=rank, num_blocks=1, alpha=rank,
-               dropout=float(cfg.get("hira_dropout") or 0.0))
+    apply_smoa(model, keys=paths, rank=rank, num_blocks=1, alpha=rank, dropout=cfg.dropout)
     for p, layer in smoa_layers(model).items():
         rows, cols = np.array(layer.row_order), np.array(layer.col_order)
         a = peft.tensors[peft_key(p, "hira_A")][:, cols]
@@ -61,7 +58,7 @@ def export_hira(model, base: str, out_dir, log=print) -> dict:
     layers = smoa_layers(model)
     params = smoa_config(model)["smoa_parameters"]
     if params["num_blocks"] != 1:
-        raise ValueError(
+        raise AdapterError(
             f"HiRA is SMoA with one block; this adapter has num_blocks={params['num_blocks']}, whose "
             "update is block-diagonal and has no HiRA form. Export --format smoa (exact) or "
             "--format lora --rank R (lossy) instead"

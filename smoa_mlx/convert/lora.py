@@ -24,8 +24,11 @@ import numpy as np
 from ..adapters import smoa_config
 from ..files import write_json
 from ..patch import smoa_layers
-from .names import linear_shapes, pattern_value, peft_key, select_targets, target_modules
-from .peft_io import PeftDir, check_tensors, pad_rank, refuse_options, write_peft_dir, write_tensors
+from ..errors import ConfigError
+from ..layouts.names import peft_key, target_modules
+from ..layouts.peft_io import PeftDir, factor_shapes, write_peft_dir
+from ..layouts.tensors import pad_rank, write_tensors
+from .base import linear_shapes
 
 PEFT_TYPE = "LORA"
 UNSUPPORTED = {
@@ -40,24 +43,16 @@ def peft_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 def import_lora(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
-    cfg, where = peft.config, peft.path / "adapter_config.json"
-    refuse_options(cfg, where, UNSUPPORTED)
+    cfg = peft.config
+    cfg.refuse(UNSUPPORTED)
     shapes = linear_shapes(model)
-    paths = select_targets(cfg, list(shapes), where)
-    rslora = bool(cfg.get("use_rslora"))
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
-    ranks = {p: int(pattern_value(cfg.get("rank_pattern"), p, r)) for p in paths}
-    scales = {p: peft_scale(float(pattern_value(cfg.get("alpha_pattern"), p, alpha)), ranks[p], rslora)
-              for p in paths}
-    expected = {}
-    for p in paths:
-        why = f"{p} is {shapes[p]} in the base model, r={ranks[p]}"
-        expected[peft_key(p, "lora_A.weight")] = ((ranks[p], shapes[p][1]), why)
-        expected[peft_key(p, "lora_B.weight")] = ((shapes[p][0], ranks[p]), why)
-    check_tensors(peft.tensors, expected, peft.weights_file)
-    rank, scale = max(ranks.values()), peft_scale(alpha, r, rslora)
+    paths = cfg.targets(list(shapes))
+    ranks = {p: cfg.rank_of(p) for p in paths}
+    scales = {p: peft_scale(cfg.alpha_of(p), ranks[p], cfg.use_rslora) for p in paths}
+    peft.check(*factor_shapes(paths, shapes, ranks, "lora_A.weight", "lora_B.weight"))
+    rank, scale = max(ranks.values()), peft_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora)
     if scale == 0:
-        raise ValueError(f"{where}: lora_alpha is 0, the adapter is a no-op")
+        raise ConfigError(f"{cfg.path}: lora_alpha is 0, the adapter is a no-op")
     weights = {}
     for p in paths:
         a = peft.tensors[peft_key(p, "lora_A.weight")]
@@ -71,7 +66,7 @@ def import_lora(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
         "model": base,
         "num_layers": len(model.layers),
         "lora_parameters": {
-            "rank": rank, "scale": scale, "dropout": float(cfg.get("lora_dropout") or 0.0), "keys": paths,
+            "rank": rank, "scale": scale, "dropout": cfg.dropout, "keys": paths,
         },
         "converted_from": str(peft.path),
     }
@@ -97,7 +92,7 @@ def export_lora(model, base: str, out_dir, rank=None, log=print) -> dict:
     params = smoa_config(model)["smoa_parameters"]
     rank = params["rank"] if rank is None else int(rank)
     if rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {rank}")
+        raise ConfigError(f"--rank must be >= 1, got {rank}")
     tensors, errors, err_sq, norm_sq = {}, {}, 0.0, 0.0
     for p, m in layers.items():
         delta = np.array(m.delta_weight().astype(mx.float32), dtype=np.float64)

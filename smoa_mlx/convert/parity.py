@@ -17,9 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..files import read_json
-from ..layer import base_weight
-from .names import PEFT_PREFIX, hf_path
+from ..errors import ModelError
+from ..files import read_config
+from ..layer import adapter_layers, base_weight
+from ..layouts.names import PEFT_PREFIX, hf_path
 
 PROBE_TOKENS = 24
 PROBE_ROWS = 8
@@ -40,22 +41,17 @@ def skip_reason(fmt: str, model_dir) -> str | None:
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed (pip install 'smoa-mlx[torch]')"
-    config = read_json(Path(model_dir) / "config.json")
+    config = read_config(Path(model_dir) / "config.json")
     if "quantization" in config or "quantization_config" in config:
         return "the base model is quantized; transformers needs the float checkpoint"
     return None
-
-
-def adapted_modules(model) -> dict:
-    """Every adapter layer (SMoA, mlx-lm LoRA) of an MLX model: modules wrapping a `.linear`."""
-    return {p: m for p, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "linear")}
 
 
 def mlx_logits(model, tokens: np.ndarray) -> np.ndarray:
     return np.array(model(mx.array(tokens)).astype(mx.float32))
 
 
-def torch_model(fmt: str, model_dir, torch_adapter):
+def torch_model(fmt: str, model_dir, torch_adapter, plan_dtype=None):
     """The transformers model in float32 with the PyTorch adapter applied (unmerged)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -67,7 +63,7 @@ def torch_model(fmt: str, model_dir, torch_adapter):
         if fmt == "smoa":
             from ..torch import apply_adapter
 
-            apply_adapter(model, torch_adapter)
+            apply_adapter(model, torch_adapter, plan_dtype)
             return model
         from peft import PeftModel
 
@@ -81,15 +77,15 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(tokens)).logits.float().numpy()
 
 
-def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
+def measure(fmt: str, model_dir, mlx_model, torch_adapter, plan_dtype=None) -> dict:
     """Max relative error of the logits and, per adapted module, of its output."""
     import torch
 
-    tmodel = torch_model(fmt, model_dir, torch_adapter)
+    tmodel = torch_model(fmt, model_dir, torch_adapter, plan_dtype)
     prefix = "" if fmt == "smoa" else PEFT_PREFIX
     rng = np.random.default_rng(1)
     layers = {}
-    for path, m in adapted_modules(mlx_model).items():
+    for path, m in adapter_layers(mlx_model).items():
         w0 = np.array(base_weight(m.linear).astype(mx.float32), np.float64)
         x = rng.standard_normal((PROBE_ROWS, w0.shape[1])).astype(np.float32)
         y_mlx = np.array(m(mx.array(x)).astype(mx.float32))
@@ -99,7 +95,10 @@ def measure(fmt: str, model_dir, mlx_model, torch_adapter) -> dict:
         if "bias" in m.linear:
             update -= np.array(m.linear.bias.astype(mx.float32))
         layers[path] = float(np.max(np.abs(y_mlx - y_torch)) / max(np.max(np.abs(update)), 1e-30))
-    tokens = probe_tokens(int(read_json(Path(model_dir) / "config.json")["vocab_size"]))
+    vocab = read_config(Path(model_dir) / "config.json").get("vocab_size")
+    if not isinstance(vocab, int):
+        raise ModelError(f"{Path(model_dir) / 'config.json'}: no integer vocab_size to draw probe tokens from")
+    tokens = probe_tokens(vocab)
     logits = max_rel(mlx_logits(mlx_model, tokens), torch_logits(tmodel, tokens))
     return {"logits": logits, "layers": layers}
 

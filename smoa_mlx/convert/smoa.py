@@ -1,150 +1,51 @@
-"""The authors' SMoA layout (SPEC §2.1): PEFT-style keys `lora_A.<k>.weight` / `lora_B.<k>.weight`.
+"""The authors' SMoA layout (SPEC §2.1) <-> MLX SMoA adapters.
 
-Their files carry no row/column orders: their loader recomputes them from the
-base weight (float32 SVD, argsort). Importing does the same with `make_plan`
-and reports the smallest score gap at a block boundary and anywhere in an
-order, because a near-tie that the two computations break differently changes
-which coordinates an A column or B row multiplies. Exporting also writes the
-orders to `smoa_orders.safetensors`, a file the authors' loader never opens;
-importing prefers it when present.
+Import recomputes the orders when the files carry none (`layouts.smoa`), from the
+base weight as stored or, with `plan_dtype`, rounded to bfloat16/float16 first: the
+authors' loader loads the base in bfloat16 by default and plans from that rounded
+weight, so a float32 checkpoint gets other orders there. Export writes the orders
+to `smoa_orders.safetensors`, which that loader never opens, and says whether it,
+recomputing from the base loaded in float32 or in bfloat16, would agree.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from ..adapters import save_adapter, smoa_config
-from ..layer import base_weight
+from ..layouts.names import peft_key, target_modules
+from ..layouts.peft_io import PeftDir, write_peft_dir
+from ..layouts.smoa import ORDERS, PEFT_TYPE, block_key, describe_gaps, plan_orders, read_smoa
 from ..patch import apply_smoa, smoa_layers
-from ..plan import split_rank, split_sizes
-from ..plan_cache import cached_plan
-from .names import linear_shapes, peft_key, select_targets, target_modules
-from .peft_io import PeftDir, check_tensors, read_tensors, refuse_options, write_peft_dir
-
-PEFT_TYPE = "SMOA"
-ORDERS = "smoa_orders.safetensors"
-# Float32 SVD scores (the authors' loader) differ from float64 ones by up to ~6e-7 * q
-# (measured on stories260K, q = min(d_out, d_in)); gaps below NEAR_TIE * q may flip.
-NEAR_TIE = 2e-6
+from .base import float32_weights, linear_shapes
 
 
-@dataclass
-class SMoAAdapter:
-    """A parsed authors'-layout adapter: per module, per block A (r_k, in_k) and B (out_k, r_k)."""
-
-    rank: int
-    num_blocks: int
-    branch_ranks: list[int]
-    alpha: float
-    dropout: float
-    blocks: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]
-    orders: dict[str, tuple[np.ndarray, np.ndarray]] | None  # from ORDERS, when present
+# The dtypes the authors' loader loads the base in: bfloat16 is its default.
+LOADER_DTYPES = ("float32", "bfloat16")
 
 
-def block_key(path: str, side: str, k: int) -> str:
-    return peft_key(path, f"lora_{side}.{k}.weight")
+def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print, plan_dtype: str | None = None) -> dict:
+    """Patch `model` with the adapter in `peft` and write it as an MLX adapter into `out_dir`.
 
-
-def read_smoa(peft: PeftDir, shapes: dict[str, tuple[int, int]]) -> SMoAAdapter:
-    """Validate an authors'-layout adapter against the base's linear `shapes` and parse it."""
-    cfg, where = peft.config, peft.path / "adapter_config.json"
-    refuse_options(cfg, where, {"fan_in_fan_out": (None,), "bias": ("none", None), "modules_to_save": (None,)})
-    rank, num_blocks = int(cfg["r"]), int(cfg.get("num_blocks", 2))
-    try:
-        ranks = split_rank(rank, num_blocks, cfg.get("branch_ranks"))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    sizes = {}  # path -> [(r_k, out_k, in_k)]
-    for path in select_targets(cfg, list(shapes), where):
-        d_out, d_in = shapes[path]
-        if num_blocks > min(d_out, d_in):
-            raise ValueError(f"{where}: num_blocks={num_blocks} exceeds the dimensions of {path} {shapes[path]}")
-        sizes[path] = list(zip(ranks, split_sizes(d_out, num_blocks), split_sizes(d_in, num_blocks)))
-    expected = {}
-    for path, per_block in sizes.items():
-        for k, (r, o, i) in enumerate(per_block):
-            why = f"block {k} of {path} {shapes[path]} with r_{k}={r}"
-            if r:  # the authors' layer has no parameters for a rank-0 block
-                expected[block_key(path, "A", k)] = ((r, i), why)
-                expected[block_key(path, "B", k)] = ((o, r), why)
-    check_tensors(peft.tensors, expected, peft.weights_file)
-    get = peft.tensors.get
-    blocks = {
-        path: ([get(block_key(path, "A", k), np.zeros((0, i), np.float32)) for k, (r, o, i) in enumerate(b)],
-               [get(block_key(path, "B", k), np.zeros((o, 0), np.float32)) for k, (r, o, i) in enumerate(b)])
-        for path, b in sizes.items()
-    }
-    orders_file = peft.path / ORDERS
-    orders = _read_orders(orders_file, list(sizes), shapes) if orders_file.is_file() else None
-    return SMoAAdapter(rank, num_blocks, ranks, float(cfg.get("lora_alpha", 8)),
-                       float(cfg.get("lora_dropout", 0.0)), blocks, orders)
-
-
-def _read_orders(path, paths, shapes) -> dict:
-    tensors = read_tensors(path)
-    expected = {}
-    for p in paths:
-        expected[peft_key(p, "row_order")] = ((shapes[p][0],), f"d_out of {p}")
-        expected[peft_key(p, "col_order")] = ((shapes[p][1],), f"d_in of {p}")
-    check_tensors(tensors, expected, path)
-    for key in expected:
-        if not np.array_equal(np.sort(tensors[key]), np.arange(len(tensors[key]))):
-            raise ValueError(f"{path}: {key} is not a permutation")
-    return {p: (tensors[peft_key(p, "row_order")], tensors[peft_key(p, "col_order")]) for p in paths}
-
-
-def plan_orders(weights: dict[str, np.ndarray], num_blocks: int) -> tuple[dict, dict]:
-    """`make_plan` of each float32 base weight (through the plan cache): the orders, the
-    smallest gaps with their module, and the modules with a gap under the float32
-    precision of the authors' scores (`at_risk`)."""
-    orders = {}
-    gaps = {"boundary_gap": (np.inf, None), "order_gap": (np.inf, None), "at_risk": []}
-    for path, w in weights.items():
-        plan = cached_plan(w, num_blocks)  # `make_plan`'s, instant if training planned it
-        orders[path] = (plan.row_order, plan.col_order)
-        for name in ("boundary_gap", "order_gap"):
-            if getattr(plan, name) < gaps[name][0]:
-                gaps[name] = (getattr(plan, name), path)
-        if min(plan.boundary_gap, plan.order_gap) < NEAR_TIE * min(w.shape):
-            gaps["at_risk"].append(path)
-    return orders, gaps
-
-
-def describe_gaps(gaps: dict, total: int) -> str:
-    (b, bp), (o, op) = gaps["boundary_gap"], gaps["order_gap"]
-    text = f"smallest boundary gap {b:.3g}" + (f" ({bp})" if bp else "")
-    text += f", smallest within-order gap {o:.3g} ({op})"
-    if gaps["at_risk"]:
-        text += (f"; warning: {len(gaps['at_risk'])}/{total} modules have a score gap below the "
-                 f"float32 precision of the authors' SVD (~{NEAR_TIE:g} * min(d_out, d_in)), so their "
-                 "loader may order those coordinates differently, which moves A columns or B rows "
-                 f"between coordinates (an MLX export's {ORDERS} avoids this)")
-    return text
-
-
-def _float32_weights(model, paths) -> dict[str, np.ndarray]:
-    """The frozen base weights at `paths` (unwrapping adapter layers) as float32."""
-    modules = dict(model.named_modules())
-    return {p: np.array(base_weight(getattr(modules[p], "linear", modules[p])).astype(mx.float32))
-            for p in paths}
-
-
-def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
-    """Patch `model` with the adapter in `peft` and write it as an MLX adapter into `out_dir`."""
+    `plan_dtype` ("bfloat16", "float16"): recompute the orders from the base weight
+    rounded to it, as the authors' loader does when it loads the base in that dtype.
+    """
     adapter = read_smoa(peft, linear_shapes(model))
     report = {}
     orders = adapter.orders
+    extra = {"plan_dtype": plan_dtype} if plan_dtype and orders is None else {}
     if orders is None:
-        orders, gaps = plan_orders(_float32_weights(model, adapter.blocks), adapter.num_blocks)
+        weights = float32_weights(model, adapter.blocks, plan_dtype)
+        orders, gaps = plan_orders(weights, adapter.num_blocks)
         report.update(boundary_gap=gaps["boundary_gap"][0], order_gap=gaps["order_gap"][0],
                       at_risk=gaps["at_risk"])
-        log(f"orders recomputed from the base weights (the authors' files carry none): "
+        source = f"rounded to {plan_dtype}" if plan_dtype else "as stored"
+        log(f"orders recomputed from the base weights {source} (the authors' files carry none): "
             f"{describe_gaps(gaps, len(orders))}")
     else:
-        log(f"orders read from {peft.path / ORDERS}")
+        log(f"orders read from {peft.path / ORDERS}"
+            + (f" (--plan-dtype {plan_dtype} does not apply)" if plan_dtype else ""))
     apply_smoa(
         model, keys=list(adapter.blocks), rank=adapter.rank, num_blocks=adapter.num_blocks,
         alpha=adapter.alpha, dropout=adapter.dropout, branch_ranks=adapter.branch_ranks,
@@ -154,7 +55,7 @@ def import_smoa(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
         a, b = adapter.blocks[path]
         layer.smoa_a = [mx.array(x) for x in a]
         layer.smoa_b = [mx.array(x) for x in b]
-    save_adapter(model, out_dir, smoa_config(model, base_model=base, converted_from=str(peft.path)))
+    save_adapter(model, out_dir, smoa_config(model, base_model=base, converted_from=str(peft.path), **extra))
     return report
 
 
@@ -193,16 +94,26 @@ def export_smoa(model, base: str, out_dir, log=print) -> dict:
         "inference_mode": True,
     }
     write_peft_dir(out_dir, config, tensors, {ORDERS: orders})
-    # The authors' loader ignores ORDERS and recomputes: say whether it would agree.
-    planned, gaps = plan_orders(_float32_weights(model, layers), params["num_blocks"])
-    differ = [p for p, m in layers.items()
-              if not (np.array_equal(planned[p][0], np.array(m.row_order))
-                      and np.array_equal(planned[p][1], np.array(m.col_order)))]
+    # The authors' loader ignores ORDERS and recomputes from the base in the dtype it loads
+    # it in: say, for each, whether it would agree.
+    differ, gaps = {}, None
+    for dtype in LOADER_DTYPES:
+        planned, found = plan_orders(float32_weights(model, layers, dtype), params["num_blocks"])
+        gaps = gaps or found  # the float32 plan's gaps
+        differ[dtype] = [p for p, m in layers.items()
+                         if not (np.array_equal(planned[p][0], np.array(m.row_order))
+                                 and np.array_equal(planned[p][1], np.array(m.col_order)))]
     log(f"orders written to {ORDERS} (the authors' loader recomputes them instead): "
         f"{describe_gaps(gaps, len(layers))}")
-    if differ:
-        log(f"warning: for {len(differ)} module(s), e.g. {differ[0]}, the orders recomputed from this base "
-            "differ from the saved ones (adapter planned on another or quantized base?); the authors' "
-            "loader would misplace their blocks, our importer and smoa_mlx.torch use the saved orders")
+    agree = [d for d in LOADER_DTYPES if not differ[d]]
+    if len(agree) < len(LOADER_DTYPES):
+        worst = next(d for d in LOADER_DTYPES if differ[d])
+        where = (f"loading the base in {agree[0]} (torch_dtype=torch.{agree[0]}) it recomputes the saved "
+                 "orders" if agree else "it recomputes them differently in any dtype (adapter planned "
+                 "on another or quantized base?)")
+        log(f"warning: the authors' loader (which loads the base in bfloat16 by default) would misplace "
+            f"the blocks of {len(differ[worst])}/{len(layers)} modules (e.g. {differ[worst][0]}) when it "
+            f"loads the base in {worst}; {where}. Our importer and smoa_mlx.torch use the saved orders")
     return {"boundary_gap": gaps["boundary_gap"][0], "order_gap": gaps["order_gap"][0],
-            "at_risk": gaps["at_risk"], "recomputed_orders_differ": differ}
+            "at_risk": gaps["at_risk"], "recomputed_orders_differ": differ["float32"],
+            "bfloat16_orders_differ": differ["bfloat16"]}

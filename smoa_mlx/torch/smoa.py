@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert.names import check_model_type, hf_path, mlx_path
-from ..convert.peft_io import read_peft_dir
-from ..convert.smoa import ORDERS, PEFT_TYPE, plan_orders, read_smoa
+from ..layouts.names import check_model_type, hf_path, mlx_path
+from ..layouts.peft_io import read_peft_dir
+from ..layouts.smoa import ORDERS, PEFT_TYPE, plan_orders, read_smoa
 
 
 def _tensor(x, dtype, device) -> torch.Tensor:
@@ -71,8 +71,12 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def apply_adapter(model: nn.Module, adapter_dir) -> dict:
-    """Wrap the adapted linear layers of a transformers `model` in place; returns an order report."""
+def apply_adapter(model: nn.Module, adapter_dir, plan_dtype: str | None = None) -> dict:
+    """Wrap the adapted linear layers of a transformers `model` in place; returns an order report.
+
+    Orders missing from the files are recomputed from the float32 weights, first
+    rounded to `plan_dtype` ("bfloat16", "float16") if given.
+    """
     check_model_type(getattr(model.config, "model_type", None))
     peft = read_peft_dir(adapter_dir, PEFT_TYPE)
     linears = {mlx_path(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -80,7 +84,8 @@ def apply_adapter(model: nn.Module, adapter_dir) -> dict:
     report = {"orders": ORDERS}
     orders = adapter.orders
     if orders is None:
-        weights = {p: linears[p].weight.detach().float().cpu().numpy() for p in adapter.blocks}
+        rounded = getattr(torch, plan_dtype) if plan_dtype else torch.float32
+        weights = {p: linears[p].weight.detach().to(rounded).float().cpu().numpy() for p in adapter.blocks}
         orders, gaps = plan_orders(weights, adapter.num_blocks)
         report = {"orders": "recomputed", "boundary_gap": gaps["boundary_gap"][0],
                   "order_gap": gaps["order_gap"][0], "at_risk": gaps["at_risk"]}

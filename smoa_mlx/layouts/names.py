@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-import mlx.nn as nn
+from ..errors import ModelError
 
 PEFT_PREFIX = "base_model.model."
 # mlx-lm model types whose module and parameter names equal the transformers ones.
@@ -19,7 +19,7 @@ SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 
 def check_model_type(model_type: str | None) -> None:
     if model_type not in SAME_NAMES:
-        raise ValueError(
+        raise ModelError(
             f"model type {model_type!r}: mlx-lm and Hugging Face module names are only "
             f"known to agree for {', '.join(SAME_NAMES)}"
         )
@@ -39,23 +39,9 @@ def peft_key(path: str, leaf: str) -> str:
     return f"{PEFT_PREFIX}{hf_path(path)}.{leaf}"
 
 
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every plain or quantized linear layer, without de-quantizing.
-
-    A layer wrapped by an adapter (SMoA, LoRA: `wrapper.linear`) is listed under the
-    wrapper's path, the module path the adapter files use.
-    """
-    modules = dict(model.named_modules())
-    shapes = {}
-    for path, m in modules.items():
-        parent, _, name = path.rpartition(".")
-        if name == "linear" and hasattr(modules.get(parent), "fuse"):
-            path = parent
-        if isinstance(m, nn.QuantizedLinear):
-            shapes[path] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
-        elif isinstance(m, nn.Linear):
-            shapes[path] = tuple(m.weight.shape)
-    return shapes
+def natural_key(path: str):
+    """Sort key putting `layers.10` after `layers.9`."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
 
 def _layer_index(path: str, pattern) -> int | None:
@@ -73,18 +59,13 @@ def _listed(spec, path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in spec)
 
 
-def select_targets(config: dict, paths, where) -> list[str]:
-    """The modules (HF paths among `paths`) a PEFT config adapts, by PEFT's matching rules.
+def select_targets(paths, targets, exclude=None, layers=None, layers_pattern=None) -> list[str]:
+    """The modules (HF paths among `paths`) PEFT's matching rules select, in order.
 
     A list of names matches a path equal to one or ending in `.name`; a string is a
     regex matched against the whole path; `all-linear` is every linear layer but
-    the output head; `exclude_modules` and `layers_to_transform` narrow the set.
+    the output head; `exclude` and `layers` (`layers_to_transform`) narrow the set.
     """
-    targets = config["target_modules"]
-    exclude = config.get("exclude_modules")
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
     selected = []
     for p in paths:
         if targets == "all-linear":
@@ -94,11 +75,9 @@ def select_targets(config: dict, paths, where) -> list[str]:
         if hit and exclude:
             hit = not _listed(exclude, p)
         if hit and layers and not isinstance(targets, str):
-            hit = _layer_index(p, config.get("layers_pattern")) in layers
+            hit = _layer_index(p, layers_pattern) in layers
         if hit:
             selected.append(p)
-    if not selected:
-        raise ValueError(f"{where}: target_modules {targets!r} match no linear layer of the base model")
     return selected
 
 
@@ -106,7 +85,7 @@ def target_modules(selected, paths) -> list[str]:
     """The config entry for `selected`: short names when they select exactly it, else full paths."""
     selected = list(selected)
     short = sorted({p.rsplit(".", 1)[-1] for p in selected})
-    if set(select_targets({"target_modules": short}, paths, "")) == set(selected):
+    if set(select_targets(paths, short)) == set(selected):
         return short
     return selected
 

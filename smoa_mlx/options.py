@@ -1,0 +1,468 @@
+"""Every training option once: `TrainOptions`, a dataclass whose fields carry the
+default, type, help and resume/distributed behaviour. The argparse parser, the YAML
+checks, the resume rules and the validation are all derived from it.
+
+Precedence: flags (or keys of a `train({...})` dict) > the YAML config > the resumed
+run's options > the defaults. A YAML file may also be an `mlx_lm.lora` config: its own
+keys (`fine_tune_type`, `lora_parameters`, ...) map to SMoA's as in `MLX_LM_KEYS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import BUNDLED_DATA
+from .errors import ConfigError, MissingFileError
+from .patch import DEFAULT_TARGETS
+from .schedule import OPTIMIZERS, SCHEDULES, check_schedule, optimizer_class
+
+# The tiny pretrained Llama bundled with the package (helper "data" ships it; the
+# constant moves to data.py with it): the default model, so a first run needs no download.
+BUNDLED_MODEL = BUNDLED_DATA / "stories260K"
+REAL_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
+METHODS = ("smoa", "hira", "lora")
+DTYPES = ("float32", "bfloat16", "float16")
+# SPEC §1 "Learning rate": SMoA's update is B A scaled entrywise by the small frozen
+# weights, so it wants ~5x LoRA's rate (the authors train SMoA at 1e-3).
+DEFAULT_LR = {"smoa": 1e-3, "hira": 1e-3, "lora": 2e-4}
+DEFAULT_BLOCKS = {"smoa": 2, "hira": 1, "lora": None}
+
+# Range checks, by name: (test, what the message says).
+_CHECKS = {
+    "at_least_1": (lambda v: v >= 1, "must be at least 1"),
+    "all_or_positive": (lambda v: v == -1 or v >= 1, "must be -1 (all) or positive"),
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+
+
+def _size(value) -> int:
+    """A byte count: an integer, or mlx-lm's "2GB" / "500M" form."""
+    from decimal import Decimal, InvalidOperation
+
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper()
+    digits = text.rstrip("BMG ")
+    unit = text[len(digits):].strip()
+    sizes = {"": 1, "B": 1, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
+    try:
+        return int(Decimal(digits) * sizes[unit])
+    except (InvalidOperation, KeyError):
+        raise ValueError(value) from None
+
+
+def opt(default, help: str, *, type=None, choices=None, kind: str = "value", cli: bool = True,
+        check: str | None = None, structural: bool = False, per_invocation: bool = False,
+        local: bool = False, shown: str | None = None, flags: tuple = ()):
+    """A `TrainOptions` field.
+
+    kind: "value" (one typed value), "list" (one or more strings), "flag" (store_true),
+    "switch" (--x/--no-x), "mapping" (YAML only: a dict, or a list of dicts).
+    structural: changes which parameters exist, so a resumed run must keep it.
+    per_invocation: describes this invocation, not the run: never inherited on resume.
+    local: may differ between the processes of a distributed run (paths on each machine).
+    shown: the default as the help prints it, when it is computed from other options.
+    """
+    meta = dict(help=help, type=type, choices=choices, kind=kind, cli=cli, check=check,
+                structural=structural, per_invocation=per_invocation, local=local,
+                shown=shown, flags=flags)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type_copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def type_copy(value):
+    return list(value) if isinstance(value, list) else dict(value)
+
+
+@dataclass
+class TrainOptions:
+    model: str = opt(str(BUNDLED_MODEL), "Local model directory or Hugging Face repo.", local=True,
+                     shown=f"the bundled stories260K; a real one: {REAL_MODEL}")
+    data: str = opt(str(BUNDLED_DATA), "Directory with train/valid(/test).jsonl.", local=True,
+                    shown="the bundled example data")
+    hf_dataset: object = opt(None, "Hugging Face dataset(s), as mlx-lm's hf_dataset: one "
+                             "mapping or a list (passed to the data layer as is).",
+                             kind="mapping", cli=False)
+    train: bool = opt(True, "Train (the default, unless --test is given alone).", kind="flag",
+                      per_invocation=True)
+    test: bool = opt(False, "Report the test-set loss (after training, or of --adapter-path "
+                     "alone).", kind="flag", per_invocation=True)
+    test_batches: int = opt(-1, "Test batches, -1 for the whole test set.", type=int,
+                            check="all_or_positive")
+    method: str = opt("smoa", "smoa, hira (smoa with one block) or lora (mlx-lm's LoRALinear, "
+                      "saved in mlx-lm's format). YAML: fine_tune_type too.", choices=METHODS,
+                      structural=True)
+    rank: int = opt(8, "Total rank budget r, split over the blocks.", type=int,
+                    check="at_least_1", structural=True)
+    num_blocks: int = opt(None, "SMoA blocks K.", type=int, structural=True,
+                          shown=", ".join(f"{m} {k}" for m, k in DEFAULT_BLOCKS.items() if k))
+    alpha: float = opt(8.0, "scale = alpha / rank, for lora too.", type=float, check="positive",
+                       structural=True)
+    dropout: float = opt(0.0, "Dropout on the adapter input (above 0, SMoA steps take the "
+                         "per-block path, ~1.25x slower).", type=float, check="fraction")
+    targets: list = opt(None, "Modules to adapt, or all-linear.", kind="list", structural=True,
+                        shown=f"the architecture's, e.g. {' '.join(DEFAULT_TARGETS)}")
+    num_layers: int = opt(-1, "Adapt the last N decoder layers, -1 for all.", type=int,
+                          check="all_or_positive", structural=True)
+    dtype: str = opt("float32", "dtype of the trainable parameters and their optimizer state.",
+                     choices=DTYPES, structural=True)
+    upcast_base: bool = opt(False, "Cast the base model's floating-point weights to float32 "
+                            "(on a CPU, bf16 matmul is ~25x slower than f32).", kind="flag")
+    optimizer: str = opt("adamw", "Optimizer; adam and adamw with bias correction, as in "
+                         "PyTorch. YAML: optimizer_config too.", choices=OPTIMIZERS)
+    optimizer_config: dict = opt({}, "Keyword arguments per optimizer, as mlx-lm's "
+                                 "optimizer_config ({adamw: {betas: [0.9, 0.98]}, ...}).",
+                                 kind="mapping", cli=False)
+    learning_rate: float = opt(None, "Peak learning rate. SMoA's update is the low-rank "
+                               "product scaled entrywise by the small frozen weights, so it "
+                               "needs ~5x LoRA's rate (the SMoA authors use 1e-3; on "
+                               "stories260K the best rates measured were 1e-2 for SMoA, 2e-3 "
+                               "for LoRA).", type=float, check="positive",
+                               shown="per method: " + ", ".join(
+                                   f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()))
+    lr_schedule: object = opt("cosine", "Learning-rate shape after --warmup: cosine (to 0), "
+                              "linear (to 0) or constant. YAML: also mlx-lm's mapping {name, "
+                              "warmup, warmup_init, arguments}.", choices=SCHEDULES)
+    weight_decay: float = opt(0.0, "Decoupled weight decay (adamw, sgd, adafactor, muon).",
+                              type=float, check="non_negative")
+    warmup: int = opt(None, "Linear warmup updates before the schedule.", type=int,
+                      shown="iters // 10")
+    iters: int = opt(200, "Optimizer updates to run; each consumes --grad-accumulation-steps "
+                     "batches (mlx-lm counts batches instead).", type=int, check="at_least_1")
+    batch_size: int = opt(4, "Examples per batch. With several processes (mlx.launch) it is "
+                          "the global batch, split evenly over them, as in mlx-lm.", type=int,
+                          check="at_least_1")
+    grad_accumulation_steps: int = opt(1, "Batches averaged (token-weighted) into each update.",
+                                       type=int, check="at_least_1")
+    grad_checkpoint: bool = opt(False, "Recompute decoder-layer activations in the backward "
+                                "pass (less memory, more time).", kind="flag")
+    max_seq_length: int = opt(2048, "Truncate examples to this many tokens.", type=int,
+                              check="at_least_1")
+    mask_prompt: bool = opt(None, "Loss on completions only (prompt/completion, chat and "
+                            "alpaca data).", kind="switch",
+                            shown="on for the bundled example data, off otherwise (as in mlx-lm)")
+    val_batches: int = opt(25, "Validation batches, -1 for all.", type=int,
+                           check="all_or_positive")
+    steps_per_report: int = opt(10, "Updates between progress lines.", type=int,
+                                check="at_least_1")
+    steps_per_eval: int = opt(200, "Updates between validations (also at the start and the "
+                              "end).", type=int, check="at_least_1")
+    save_every: int = opt(100, "Updates between checkpoints (also at the end).", type=int,
+                          check="at_least_1")
+    clear_cache_threshold: int = opt(0, "Clear MLX's buffer cache after an update when it "
+                                     "holds more than this many bytes (\"2GB\" works; 0 never).",
+                                     type=_size, check="non_negative")
+    adapter_path: str = opt("adapters", "Adapter directory to write.", local=True)
+    resume: bool = opt(False, "Continue the run checkpointed in --adapter-path exactly "
+                       "(weights, optimizer, step, data position, RNG).", kind="flag",
+                       per_invocation=True)
+    resume_adapter_file: str = opt(None, "Start from this adapters.safetensors; continues "
+                                   "exactly when its training state is beside it, else reuses "
+                                   "only the weights.", per_invocation=True, local=True)
+    seed: int = opt(0, "Seed for initialisation, data order and dropout.", type=int)
+    trust_remote_code: bool = opt(False, "Let the tokenizer run code from the model "
+                                  "repository (as mlx-lm's flag).", kind="flag")
+    distributed_timeout: float = opt(600.0, "Under mlx.launch: seconds a process waits for "
+                                     "the others in one exchange before it stops with an "
+                                     "error, so a hung process cannot block the run forever; "
+                                     "0 waits forever.", type=float, check="non_negative",
+                                     per_invocation=True, local=True)
+    config: str = opt(None, "YAML file of options; keys are the flag names with underscores, "
+                      "or an mlx_lm.lora config. Flags override it.", per_invocation=True,
+                      local=True, flags=("-c",))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+DEFAULTS = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            for f in FIELDS.values()}
+STRUCTURAL = tuple(k for k, f in FIELDS.items() if f.metadata["structural"])
+PER_INVOCATION = tuple(k for k, f in FIELDS.items() if f.metadata["per_invocation"])
+LOCAL_OPTIONS = tuple(k for k, f in FIELDS.items() if f.metadata["local"])
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown(f) -> str:
+    m = f.metadata
+    if m["shown"]:
+        return m["shown"]
+    value = DEFAULTS[f.name]
+    if m["kind"] in ("flag", "switch"):
+        return "on" if value else "off"
+    return " ".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(
+        value, float) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m smoa_mlx.train",
+        description="SMoA fine-tuning of an mlx-lm model (flags mirror mlx_lm.lora; with no "
+        "arguments: the bundled tiny stories260K model on the bundled example data). "
+        "A YAML config (-c) may also carry lr_schedule, optimizer_config, hf_dataset and "
+        "mlx_lm.lora's keys (README: 'mlx-lm config files').",
+    )
+    for name, f in FIELDS.items():
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        help_text = f"{m['help']} (default: {_shown(f)})"
+        kw = {"dest": name, "default": None, "help": help_text}
+        if m["kind"] == "flag":
+            kw["action"] = "store_true"
+        elif m["kind"] == "switch":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif m["kind"] == "list":
+            kw["nargs"] = "+"
+        else:
+            kw.update(type=m["type"] or str, choices=m["choices"])
+        p.add_argument(*m["flags"], flag_name(name), **kw)
+    return p
+
+
+def _coerce(key: str, value, where: str):
+    """Check one YAML value the way argparse checks the flag."""
+    m = FIELDS[key].metadata
+    bad = ConfigError(f"{where}: {key}: invalid value {value!r}")
+    if m["kind"] in ("flag", "switch"):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if m["kind"] == "list":
+        value = value.split(",") if isinstance(value, str) else value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise bad
+        return value
+    if m["kind"] == "mapping":
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, dict) for v in items):
+            raise ConfigError(f"{where}: {key}: expected a mapping (or a list of mappings), "
+                              f"got {value!r}")
+        return value
+    if key == "lr_schedule" and isinstance(value, dict):
+        return check_schedule(value, f"{where}: lr_schedule")
+    if value is None or isinstance(value, (bool, list, dict)):
+        raise bad
+    try:
+        value = (m["type"] or str)(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if m["type"] is int and isinstance(value, float):
+        raise bad
+    if m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(m['choices'])}")
+    return value
+
+
+# mlx_lm.lora config keys that are not SMoA option names, and what each becomes here.
+# (Keys with the same name and meaning, iters to seed, are read as they are.)
+MLX_LM_KEYS = {
+    "fine_tune_type": "method: smoa, hira or lora (mlx-lm's dora and full are refused)",
+    "lora_parameters.keys": "targets (layer-relative names like self_attn.q_proj match)",
+    "lora_parameters.rank": "rank: the total rank budget, split over the SMoA blocks",
+    "lora_parameters.scale": "alpha = scale * rank (scale = alpha / rank, as in mlx-lm)",
+    "lora_parameters.dropout": "dropout",
+    "training_mode": "normal only (dpo is refused)",
+    "report_to / project_name": "null only: metrics go to <adapter_path>/metrics.jsonl",
+}
+
+
+def _from_mlx_lm(data: dict, where: str) -> dict:
+    """Translate mlx_lm.lora's own keys into option names; refuse what SMoA cannot do."""
+    out = dict(data)
+    if "fine_tune_type" in out:
+        kind = out.pop("fine_tune_type")
+        if kind not in METHODS:
+            raise ConfigError(f"{where}: fine_tune_type: {kind!r} is not supported here "
+                              f"(choose {', '.join(METHODS)}; --method smoa trains SMoA)")
+        if out.setdefault("method", kind) != kind:
+            raise ConfigError(f"{where}: fine_tune_type {kind!r} contradicts method "
+                              f"{out['method']!r}")
+    if "lora_parameters" in out:
+        lora = out.pop("lora_parameters")
+        if not isinstance(lora, dict):
+            raise ConfigError(f"{where}: lora_parameters: expected a mapping, got {lora!r}")
+        unknown = sorted(set(lora) - {"keys", "rank", "scale", "dropout"})
+        if unknown:
+            raise ConfigError(f"{where}: lora_parameters.{unknown[0]}: means nothing here "
+                              "(keys, rank, scale and dropout map to SMoA's options)")
+        mapped = {"targets": lora.get("keys"), "rank": lora.get("rank"),
+                  "dropout": lora.get("dropout")}
+        if "scale" in lora:
+            rank = lora.get("rank", out.get("rank", DEFAULTS["rank"]))
+            scale = lora["scale"]
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or \
+                    not isinstance(rank, int) or isinstance(rank, bool):
+                raise ConfigError(f"{where}: lora_parameters.scale: invalid value {scale!r}")
+            mapped["alpha"] = float(scale) * rank
+        for key, value in mapped.items():
+            if value is None:
+                continue
+            if key in out and out[key] != value:
+                raise ConfigError(f"{where}: lora_parameters sets {key} to {value!r} but "
+                                  f"{key} is {out[key]!r}")
+            out[key] = value
+    if out.get("training_mode", "normal") != "normal":
+        raise ConfigError(f"{where}: training_mode: {out['training_mode']!r} is not "
+                          "supported here (normal only)")
+    out.pop("training_mode", None)
+    for key in ("report_to", "project_name"):
+        if out.get(key) is not None:
+            raise ConfigError(f"{where}: {key}: reporting to other services is not supported "
+                              "(metrics go to <adapter_path>/metrics.jsonl); remove the key")
+        out.pop(key, None)
+    return out
+
+
+def load_config(path) -> dict:
+    """A YAML options file: keys are option names (underscores or dashes), checked like
+    flags; an mlx_lm.lora config works too (`MLX_LM_KEYS`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: config file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got a "
+                          f"{type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    out = {}
+    for key, value in _from_mlx_lm(data, str(path)).items():
+        if key not in FIELDS or (key == "config" and value is not None):
+            raise ConfigError(f"{path}: unknown key {key!r} (keys are flag names: "
+                              "learning_rate, ...; or mlx_lm.lora's)")
+        if value is not None:  # null means not set (mlx-lm writes its unset options so)
+            out[key] = _coerce(key, value, str(path))
+    return out
+
+
+def _yaml_loader():
+    """PyYAML's safe loader reading 1e-5 as a float (YAML 1.1 wants 1.0e-5), as mlx-lm's."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def _check(o: TrainOptions) -> None:
+    """Every option's own range, then the rules between options."""
+    for name, f in FIELDS.items():
+        value, check = getattr(o, name), f.metadata["check"]
+        if check and value is not None and not _CHECKS[check][0](value):
+            raise ConfigError(f"{flag_name(name)} {_CHECKS[check][1]}, got {value}")
+    if o.method != "lora" and o.num_blocks < 1:
+        raise ConfigError(f"--num-blocks must be at least 1, got {o.num_blocks}")
+    if o.method == "hira" and o.num_blocks != 1:
+        raise ConfigError(
+            f"--method hira has one block; got --num-blocks {o.num_blocks} (use --method smoa)"
+        )
+    if not 0 <= o.warmup < o.iters:
+        raise ConfigError(f"--warmup must be in [0, --iters={o.iters}), got {o.warmup}")
+    if o.weight_decay and "weight_decay" not in inspect.signature(
+            optimizer_class(o.optimizer)).parameters:
+        raise ConfigError(f"--weight-decay needs an optimizer with weight decay, not {o.optimizer}")
+    _check_optimizer_config(o.optimizer_config)
+    decay = o.optimizer_config.get(o.optimizer, {}).get("weight_decay")
+    if o.weight_decay and decay is not None and decay != o.weight_decay:
+        raise ConfigError(f"--weight-decay {o.weight_decay:g} contradicts optimizer_config."
+                          f"{o.optimizer}.weight_decay {decay:g}")
+    if isinstance(o.lr_schedule, dict):
+        first = float(o.lr_schedule["arguments"][0])
+        if o.warmup:
+            raise ConfigError("--warmup applies to the named schedules; an lr_schedule "
+                              "mapping has its own warmup key")
+        if o.learning_rate != first:
+            raise ConfigError(f"--learning-rate {o.learning_rate:g} contradicts lr_schedule."
+                              f"arguments[0] {first:g} (the rate the schedule starts from)")
+
+
+def _check_optimizer_config(config: dict) -> None:
+    for name, kwargs in config.items():
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer_config.{name}: unknown optimizer (one of "
+                              f"{', '.join(OPTIMIZERS)})")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"optimizer_config.{name}: expected a mapping, got {kwargs!r}")
+        accepted = set(inspect.signature(optimizer_class(name)).parameters) - {"learning_rate"}
+        for key in kwargs:
+            if key not in accepted:
+                raise ConfigError(f"optimizer_config.{name}.{key}: not an argument of "
+                                  f"{name} (it takes {', '.join(sorted(accepted))})")
+
+
+def resolve(given) -> tuple[TrainOptions, dict | None]:
+    """Merge `given` (a namespace or dict of options), the YAML config and the resumed run;
+    then check everything. Returns the options and the checkpoint to resume (or None)."""
+    from . import checkpoint
+
+    given = dict(vars(given) if not isinstance(given, dict) else given)
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {unknown}")
+    merged = {k: v for k, v in given.items() if v is not None}
+    if merged.get("config"):
+        merged = {**load_config(merged["config"]), **merged}
+    if isinstance(merged.get("targets"), str):
+        merged["targets"] = merged["targets"].split(",")
+    resume = checkpoint.resume_source(
+        merged.get("resume"), merged.get("resume_adapter_file"),
+        merged.get("adapter_path", DEFAULTS["adapter_path"]),
+    )
+    if resume is not None and resume.state is not None:
+        saved = resume.state.args
+        for key in STRUCTURAL:
+            if key in merged and merged[key] != saved.get(key):
+                raise ConfigError(
+                    f"{resume.source}: the run was trained with {key}={saved.get(key)!r}; "
+                    f"resuming needs the same value, got {merged[key]!r}"
+                )
+        inherited = {k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION}
+        merged = {**inherited, **merged}
+    o = TrainOptions(**merged)
+    if o.mask_prompt is None:
+        o.mask_prompt = Path(o.data).resolve() == BUNDLED_DATA.resolve()
+    if o.num_blocks is None:
+        o.num_blocks = DEFAULT_BLOCKS[o.method]
+    if isinstance(o.lr_schedule, dict) and o.learning_rate is None:
+        o.learning_rate = float(o.lr_schedule["arguments"][0])
+    if o.learning_rate is None:
+        o.learning_rate = DEFAULT_LR[o.method]
+    if o.warmup is None:
+        o.warmup = 0 if isinstance(o.lr_schedule, dict) else o.iters // 10
+    o.data, o.adapter_path, o.model = str(o.data), str(o.adapter_path), str(o.model)
+    _check(o)
+    if not math.isfinite(o.learning_rate):
+        raise ConfigError(f"--learning-rate must be finite, got {o.learning_rate}")
+    return o, resume
+
+
+def key_table() -> str:
+    """The README's table of mlx_lm.lora config keys (kept in step with the code)."""
+    rows = [f"| `{k}` | {v} |" for k, v in MLX_LM_KEYS.items()]
+    return "\n".join(["| mlx_lm.lora key | here |", "|---|---|", *rows])
