@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .archs import ADAPTABLE
 from .errors import AdapterError, ConfigError, MissingFileError
 from .files import load_safetensors, read_config, save_safetensors, write_json
 from .layer import base_weight
@@ -34,7 +35,9 @@ MIN_SIMILARITY = 0.8
 
 
 def fingerprint(weight: mx.array) -> list[float]:
-    """A fixed pseudo-random sample of entries, positions seeded by the shape."""
+    """A fixed pseudo-random sample of entries, positions seeded by the shape (MoE experts:
+    of the (E * d_out, d_in) stack)."""
+    weight = weight.reshape(-1, weight.shape[-1])
     d_out, d_in = weight.shape
     rng = np.random.default_rng([d_out, d_in])
     rows = mx.array(rng.integers(0, d_out, FINGERPRINT_SIZE).astype(np.uint32))
@@ -97,7 +100,7 @@ def _check_base(model: nn.Module, config: dict, weights: dict, where: Path, file
     modules = dict(model.named_modules())
     orders = {}
     for path in config["modules"]:
-        if path not in modules or not isinstance(modules[path], (nn.Linear, nn.QuantizedLinear)):
+        if path not in modules or not isinstance(modules[path], ADAPTABLE):
             raise AdapterError(f"{where}: adapter module {path} is not a linear layer of this model")
         w = base_weight(modules[path])
         saved = config.get("fingerprints", {}).get(path)
@@ -110,17 +113,18 @@ def _check_base(model: nn.Module, config: dict, weights: dict, where: Path, file
                     f"(weight similarity {sim:.3f} < {MIN_SIMILARITY})"
                 )
         orders[path] = tuple(
-            _order(weights, f"{path}.{name}", n, file)
-            for name, n in (("row_order", w.shape[0]), ("col_order", w.shape[1]))
+            _order(weights, f"{path}.{name}", w.shape[:-2] + (n,), file)
+            for name, n in (("row_order", w.shape[-2]), ("col_order", w.shape[-1]))
         )
     return orders
 
 
-def _order(weights: dict, key: str, n: int, file: Path) -> np.ndarray:
+def _order(weights: dict, key: str, shape: tuple, file: Path) -> np.ndarray:
+    """A saved order: one permutation of shape[-1] indices (one per expert: shape (E, n))."""
     if key not in weights:
         raise AdapterError(f"{file}: missing tensor {key}")
-    order = np.array(weights[key])
-    if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+    order, n = np.array(weights[key]), shape[-1]
+    if order.shape != shape or not (np.sort(order, axis=-1) == np.arange(n)).all():
         raise AdapterError(
             f"{file}: tensor {key} must be a permutation of {n} indices (shape {order.shape})"
         )

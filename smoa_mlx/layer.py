@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .errors import AdapterError, ConfigError
 from .layouts.names import natural_key
@@ -70,14 +71,15 @@ def adapter_layers(model: nn.Module, kind=None) -> dict:
 
 def base_weight(base: nn.Module, after=None) -> mx.array:
     """The float weight of a Linear or the de-quantized weight of a QuantizedLinear
-    (computed only after the array `after` is, if given: see `_merged_matmul`)."""
-    if isinstance(base, nn.QuantizedLinear):
+    (computed only after the array `after` is, if given: see `_merged_matmul`); MoE
+    expert layers (`archs.SWITCH_TYPES`) likewise, (E, d_out, d_in)."""
+    if isinstance(base, (nn.QuantizedLinear, QuantizedSwitchLinear)):
         parts = [base.weight, base.scales] + ([base.biases] if "biases" in base else [])
         if after is not None:
             parts = _tied(parts, after)
         return mx.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None,
                              group_size=base.group_size, bits=base.bits, mode=base.mode)
-    if isinstance(base, nn.Linear):
+    if isinstance(base, (nn.Linear, SwitchLinear)):
         return base.weight if after is None else _tied([base.weight], after)[0]
     raise TypeError(f"SMoA adapts nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
 

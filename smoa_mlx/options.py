@@ -109,7 +109,8 @@ class TrainOptions:
                        structural=True)
     dropout: float = opt(0.0, "Dropout on the adapter input (above 0, SMoA steps take the "
                          "per-block path, ~1.25x slower).", type=float, check="fraction")
-    targets: list = opt(list(DEFAULT_TARGETS), "Modules to adapt.", kind="list", structural=True)
+    targets: list = opt(None, "Modules to adapt, or all-linear.", kind="list", structural=True,
+                        shown=f"the architecture's, e.g. {' '.join(DEFAULT_TARGETS)}")
     num_layers: int = opt(-1, "Adapt the last N decoder layers, -1 for all.", type=int,
                           check="all_or_positive", structural=True)
     dtype: str = opt("float32", "dtype of the trainable parameters and their optimizer state.",

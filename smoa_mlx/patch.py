@@ -8,17 +8,24 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import get_total_parameters
 
+from .archs import (
+    ADAPTABLE, ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, decoder_layers, default_targets, layer_index,
+)
+from .errors import ConfigError
 from .layer import SMoALinear, adapter_layers
 from .layouts.names import natural_key
+from .switch import SMoASwitchLinear
 
-# The authors' default targets (SPEC §1).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# The authors' default targets (SPEC §1), in Llama's names; `archs.TARGETS` has the others.
+DEFAULT_TARGETS = LLAMA_TARGETS
+SMOA_TYPES = (SMoALinear, SMoASwitchLinear)
+# The first `<name>.<index>.` of a path: the decoder layer in every mlx-lm layout.
+_LAYER = re.compile(r"^(?:.*?\.)?\d+\.")
 
 
 def linear_paths(model: nn.Module) -> list[str]:
-    """Module paths of every plain or quantized linear layer, layers in numeric order."""
-    paths = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    """Module paths of every plain, quantized or MoE-expert linear layer, layers in numeric order."""
+    paths = [p for p, m in model.named_modules() if isinstance(m, ADAPTABLE)]
     return sorted(paths, key=natural_key)
 
 
@@ -27,9 +34,9 @@ def _matches(path: str, key: str) -> bool:
 
 
 def layer_relative(path: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (mlx-lm's key for it);
-    a path outside the decoder layers stays whole."""
-    m = _LAYER.search(path)
+    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj` (mlx-lm's key for it; also
+    `model.h.3.attn.c_attn` -> `attn.c_attn`); a path outside the decoder layers stays whole."""
+    m = _LAYER.match(path)
     return path[m.end() :] if m else path
 
 
@@ -47,14 +54,21 @@ def target_paths(model: nn.Module, keys=None, num_layers=None) -> list[str]:
 
     A key matches a path equal to it or ending in `.key`, so `q_proj`,
     `self_attn.q_proj` and `model.layers.0.self_attn.q_proj` all work (PEFT style).
+    None: the architecture's defaults (`archs.TARGETS`); `all-linear` (PEFT's): every
+    linear layer, MoE experts and routers included, but the output head. Modules
+    outside the decoder layers are kept whatever `num_layers` is, as in mlx-lm.
     """
-    keys = list(DEFAULT_TARGETS if keys is None else keys)
+    keys = list(default_targets(model) if keys is None else [keys] if isinstance(keys, str) else keys)
     candidates = linear_paths(model)
+    layers = decoder_layers(model)
+    if keys == [ALL_LINEAR]:
+        head = {p for p in candidates if layer_index(p, layers) is None and _is_head(model, p)}
+        keys = [p for p in candidates if p not in head]
     unknown = [k for k in keys if not any(_matches(p, k) for p in candidates)]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown target module(s) {unknown}; this model's linear layers are: "
-            + ", ".join(_short_names(candidates))
+            + ", ".join(_short_names(candidates)) + f" (or {ALL_LINEAR})"
         )
     n_total = len(model.layers)
     first = 0 if num_layers is None or num_layers < 0 else max(n_total - num_layers, 0)
@@ -62,10 +76,17 @@ def target_paths(model: nn.Module, keys=None, num_layers=None) -> list[str]:
     for p in candidates:
         if not any(_matches(p, k) for k in keys):
             continue
-        m = _LAYER.search(p)
-        if m is None or int(m.group(1)) >= first:
+        i = layer_index(p, layers)
+        if i is None or i >= first:
             selected.append(p)
     return selected
+
+
+def _is_head(model: nn.Module, path: str) -> bool:
+    """The output head: PEFT's all-linear leaves it out (`lm_head`, gpt_neox `embed_out`,
+    internlm2 `output`): the linear layer outside the decoder layers producing the vocabulary."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    return path.endswith("lm_head") or dict(model.named_modules())[path].weight.shape[-2] == vocab
 
 
 def apply_smoa(
@@ -78,31 +99,52 @@ def apply_smoa(
     dropout: float = 0.0,
     branch_ranks=None,
     orders: dict | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Freeze `model` and replace the selected projections by SMoALinear, in place.
+    """Freeze `model` and replace the selected projections by SMoALinear (SMoASwitchLinear
+    on MoE experts), in place.
 
     `orders` maps module path -> (row_order, col_order) to skip planning (loading).
+    `progress`: a bar over the weights to plan (each expert counts), shown on a terminal
+    only; a first plan of a 1B model takes minutes, a cached one is instant.
     Returns a summary: trainable and total parameter counts and per-module details.
     """
-    if any(isinstance(m, SMoALinear) for _, m in model.named_modules()):
+    if any(isinstance(m, SMOA_TYPES) for _, m in model.named_modules()):
         raise ValueError("model already has SMoA layers; load a fresh base model")
     paths = target_paths(model, keys, num_layers)
     modules = dict(model.named_modules())
     model.freeze()
+    bar = _progress(modules, paths if orders is None and progress else [])
+    tick = (lambda n=1: None) if bar is None else bar.update
+    common = dict(rank=rank, num_blocks=num_blocks, alpha=alpha, dropout=dropout, branch_ranks=branch_ranks)
     patched = []
     for p in paths:
-        layer = SMoALinear.from_base(
-            modules[p], rank=rank, num_blocks=num_blocks, alpha=alpha, dropout=dropout,
-            branch_ranks=branch_ranks, orders=None if orders is None else orders[p],
-        )
+        known = None if orders is None else orders[p]
+        if isinstance(modules[p], SWITCH_TYPES):
+            layer = SMoASwitchLinear.from_base(modules[p], orders=known, on_plan=tick, **common)
+        else:
+            layer = SMoALinear.from_base(modules[p], orders=known, **common)
+            tick()
         layer.train(modules[p].training)  # an eval-mode model must not get active dropout
         patched.append((p, layer))
+    if bar is not None:
+        bar.close()
     model.update_modules(tree_unflatten(patched))
     return summarize(model)
 
 
+def _progress(modules: dict, paths: list[str]):
+    """A tqdm bar (lazily imported) over the weights `paths` hold, or None."""
+    if not paths:
+        return None
+    from tqdm import tqdm
+
+    total = sum(modules[p].num_experts if isinstance(modules[p], SWITCH_TYPES) else 1 for p in paths)
+    return tqdm(total=total, desc="planning SMoA", unit="weight", disable=None, leave=False)
+
+
 def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
-    return adapter_layers(model, SMoALinear)
+    return adapter_layers(model, SMOA_TYPES)
 
 
 def summarize(model: nn.Module) -> dict:

@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint
 from .adapters import smoa_config
+from .archs import default_targets
 from .distributed import Distributed
 from .errors import ConfigError, SMoAError
 from .patch import apply_smoa, layer_relative, smoa_layers, summarize, target_paths
@@ -214,6 +215,8 @@ def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None) -> tuple
         raise ConfigError(
             f"--num-layers {args.num_layers} exceeds the model's {len(model.layers)} layers"
         )
+    if args.targets is None:
+        args.targets = list(default_targets(model))
     paths = target_paths(model, args.targets, args.num_layers)
     if args.method == "lora":
         from mlx_lm.tuner.utils import linear_to_lora_layers

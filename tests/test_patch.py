@@ -213,3 +213,35 @@ def test_stories_adapted_forward_matches_merged_reference(stories_dir):
     want = np.array(fuse_reference(model, lambda: load(stories_dir), rank, alpha, k)(TOKENS))
     assert not np.allclose(adapted, np.array(load(stories_dir)(TOKENS)), atol=1e-2)
     np.testing.assert_allclose(adapted, want, rtol=1e-4, atol=1e-4)
+
+
+def test_planning_progress_counts_every_weight(monkeypatch, tiny_model_dir):
+    """One tick per planned weight (each MoE expert counts), none when the orders are known
+    or progress is off; tqdm shows it on a terminal only (disable=None)."""
+    import tqdm
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, disable, **kw):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    model = load(tiny_model_dir)
+    apply_smoa(model, rank=4)
+    assert [(b.total, b.n, b.disable, b.closed) for b in bars] == [(10, 10, None, True)]
+    apply_smoa(load(tiny_model_dir), rank=4, progress=False)
+    assert len(bars) == 1
+
+    from test_archs import tiny
+
+    moe = tiny("qwen3_moe")
+    apply_smoa(moe, rank=4)  # 2 layers x (3 attention + 2 expert layers x 4 experts)
+    assert (bars[-1].total, bars[-1].n) == (2 * (3 + 2 * 4), 2 * (3 + 2 * 4))

@@ -1,0 +1,79 @@
+"""Default SMoA targets per mlx-lm architecture, and where each module's decoder layer is.
+
+The authors adapt `q_proj, k_proj, v_proj, up_proj, down_proj` (SPEC §1): the attention
+inputs and the MLP's up and down projections. Every architecture gets the same choice
+in its own names. A key matches a path ending in it, so the Llama names also reach MoE
+experts (`mlp.switch_mlp.up_proj`, `mlp.experts.down_proj`) and shared experts; routers
+(`mlp.gate`, `mlp.router`) are never defaults.
+
+A fused projection (`qkv_proj`, `gate_up_proj`, `c_attn`) is adapted as the one linear
+layer it is, with one plan over the fused weight: that is the module PEFT and the
+authors' code target, so adapters convert 1:1 and fuse into the same checkpoint
+tensor; per-part plans would need split bookkeeping no PyTorch loader knows. The
+fused gate|up of `gate_up_proj` is taken whole for the same reason.
+"""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from .errors import ModelError
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+
+# model_type -> default target keys, for architectures whose names differ from Llama's.
+TARGETS = {
+    "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "glm4": ("q_proj", "k_proj", "v_proj", "gate_up_proj", "down_proj"),
+    "phi": ("q_proj", "k_proj", "v_proj", "fc1", "fc2"),
+    "starcoder2": ("q_proj", "k_proj", "v_proj", "mlp.c_fc", "mlp.c_proj"),
+    "internlm2": ("wqkv", "w3", "w2"),
+    "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
+    "gpt_bigcode": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
+    "gpt_neox": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+# Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+SWITCH_TYPES = (SwitchLinear, QuantizedSwitchLinear)
+ADAPTABLE = LINEAR_TYPES + SWITCH_TYPES
+
+
+def model_type(model: nn.Module) -> str | None:
+    args = getattr(model, "args", None)
+    return getattr(model, "model_type", None) or getattr(args, "model_type", None)
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    return TARGETS.get(model_type(model), LLAMA_TARGETS)
+
+
+def decoder_layers(model: nn.Module) -> dict[str, int]:
+    """Module path -> index of every decoder layer, found by identity in `model.layers`
+    (what mlx-lm's own training uses), whatever the layers are named (`layers.N`, `h.N`)."""
+    layers = getattr(model, "layers", None)
+    if layers is None or not len(layers):
+        raise ModelError(
+            f"{type(model).__module__}: the model has no `layers` list of decoder layers, "
+            "so SMoA cannot tell which layer a module belongs to"
+        )
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    found = {p: index[id(m)] for p, m in model.named_modules() if id(m) in index}
+    if len(found) != len(index):
+        raise ModelError(
+            f"{type(model).__module__}: {len(index) - len(found)} of the model's {len(index)} "
+            "decoder layers are not among its modules; unknown layout"
+        )
+    return found
+
+
+def layer_index(path: str, layers: dict[str, int]) -> int | None:
+    """The decoder layer holding module `path` (None: outside every decoder layer)."""
+    parts = path.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        i = layers.get(".".join(parts[:n]))
+        if i is not None:
+            return i
+    return None

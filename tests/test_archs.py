@@ -1,0 +1,177 @@
+"""Every mlx-lm architecture family: tiny models built in-process (mlx_lm.models.<arch>).
+
+Per architecture: the default targets (listed here by hand, per layer), init = base
+outputs, the trainable count from the weight shapes, adapted = fused, a save/load
+round trip, and a few training steps lowering the loss. MoE experts (SwitchLinear)
+are among the defaults of the MoE models.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.utils import _get_classes
+
+from smoa_mlx.adapters import load_adapter, save_adapter
+from smoa_mlx.errors import ModelError
+from smoa_mlx.fuse import fuse_layers
+from smoa_mlx.patch import apply_smoa, layer_relative, smoa_layers, target_paths
+
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=64, rms_norm_eps=1e-5, head_dim=8, max_position_embeddings=128,
+    rope_theta=10000.0, tie_word_embeddings=False, layer_norm_eps=1e-5, norm_epsilon=1e-5,
+    layer_norm_epsilon=1e-5, norm_eps=1e-5, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+    experts_per_token=2, moe_intermediate_size=24, shared_expert_intermediate_size=24,
+    decoder_sparse_step=1, mlp_only_layers=[], n_embd=32, n_layer=2, n_head=4, n_positions=128,
+    n_ctx=128, partial_rotary_factor=0.5, rotary_emb_base=10000, rotary_pct=0.5,
+    use_parallel_residual=True, bias=False, sliding_window=64, query_pre_attn_scalar=8,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, norm_topk_prob=True,
+    sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"],
+    attention_bias=False, swiglu_limit=7.0,
+)
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+LLAMA = ATTN + ("mlp.up_proj", "mlp.down_proj")
+# model_type -> the default targets of one decoder layer, written out independently of archs.py
+EXPECTED = {
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma": LLAMA,
+    "gemma2": LLAMA, "gemma3_text": LLAMA, "olmo2": LLAMA, "cohere": LLAMA,
+    "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    "glm4": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "phi": ATTN + ("mlp.fc1", "mlp.fc2"),
+    "starcoder2": ATTN + ("mlp.c_fc", "mlp.c_proj"),
+    "internlm2": ("attention.wqkv", "feed_forward.w3", "feed_forward.w2"),
+    "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
+    "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "qwen3_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"),
+    "qwen2_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj",
+                         "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+    "mixtral": ATTN + ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj"),
+    "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
+}
+TOKENS = mx.array([[1, 5, 9, 12, 40, 7, 3, 30, 2, 8, 13, 21, 34, 55, 6, 11] * 3])
+
+
+def tiny(model_type: str, seed: int = 0) -> nn.Module:
+    config = dict(TINY, model_type=model_type)
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def copy_of(model_type: str, params) -> nn.Module:
+    """A fresh model of `model_type` holding the base weights `params` (seeded otherwise)."""
+    fresh = tiny(model_type, seed=99)
+    fresh.load_weights(params)
+    return fresh
+
+
+def expected_count(model, paths, rank, k):
+    """Σ_modules (experts) Σ_k r_k (in_k + out_k), from the base weight shapes."""
+    modules = dict(model.named_modules())
+    total = 0
+    for p in paths:
+        m = modules[p]
+        d_out, d_in = m.weight.shape[-2:]
+        experts = m.weight.shape[0] if isinstance(m, SwitchLinear) else 1
+        sizes = [np.array_split(np.arange(n), k) for n in (rank, d_in, d_out)]
+        total += experts * sum(len(r) * (len(i) + len(o)) for r, i, o in zip(*sizes))
+    return total
+
+
+def randomize_b(model, seed=1):
+    mx.random.seed(seed)
+    for layer in smoa_layers(model).values():
+        layer.smoa_b = [0.5 * mx.random.normal(b.shape) for b in layer.smoa_b]
+
+
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_architecture(model_type, tmp_path):
+    model = tiny(model_type)
+    n = len(model.layers)
+    base = model(TOKENS)
+    params = tree_flatten(model.parameters())
+    want = {f"{layer}.{name}" for layer in _layer_paths(model) for name in EXPECTED[model_type]}
+    count = expected_count(model, want, 4, 2)
+    summary = apply_smoa(model, rank=4, num_blocks=2, alpha=8.0, progress=False)
+    assert set(smoa_layers(model)) == want and len(want) == n * len(EXPECTED[model_type])
+    assert summary["trainable"] == count
+    assert summary["trainable"] == sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    assert mx.array_equal(model(TOKENS), base).item()  # B = 0: exactly the base
+
+    randomize_b(model)
+    adapted = model(TOKENS)
+    assert not np.allclose(np.array(adapted), np.array(base), atol=1e-3)
+
+    save_adapter(model, tmp_path / "adapter")
+    loaded = copy_of(model_type, params)
+    load_adapter(loaded, tmp_path / "adapter")
+    assert mx.array_equal(loaded(TOKENS), adapted).item()
+
+    assert fuse_layers(loaded) == len(want)
+    np.testing.assert_allclose(np.array(loaded(TOKENS)), np.array(adapted), rtol=1e-4, atol=1e-4)
+
+
+def _layer_paths(model):
+    ids = {id(layer) for layer in model.layers}
+    return [p for p, m in model.named_modules() if id(m) in ids]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "qwen3_moe", "mixtral"])
+def test_training_steps_lower_the_loss(model_type):
+    model = tiny(model_type)
+    apply_smoa(model, rank=4, num_blocks=2, progress=False)
+    model.train()
+    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+
+    def loss_fn(model):
+        return nn.losses.cross_entropy(model(inputs), targets).mean()
+
+    step = nn.value_and_grad(model, loss_fn)
+    opt = optim.Adam(learning_rate=3e-2)
+    losses = []
+    for _ in range(6):
+        loss, grads = step(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    names = {n for n, _ in tree_flatten(model.trainable_parameters())}
+    assert names and all(".smoa_a." in n or ".smoa_b." in n for n in names)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama"])
+def test_num_layers_counts_decoder_layers_whatever_their_name(model_type):
+    model = tiny(model_type)
+    last = next(p for p, m in model.named_modules() if m is model.layers[-1])
+    paths = target_paths(model, num_layers=1)
+    assert paths and all(p.startswith(last + ".") for p in paths)
+    assert {layer_relative(p) for p in paths} == set(EXPECTED[model_type])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "internlm2", "qwen3_moe"])
+def test_all_linear_is_every_linear_layer_but_the_head(model_type):
+    model = tiny(model_type)
+    paths = target_paths(model, "all-linear")
+    every = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, SwitchLinear))]
+    heads = set(every) - set(paths)
+    assert len(heads) == 1 and next(iter(heads)).rsplit(".", 1)[-1] in ("lm_head", "embed_out", "output")
+    if model_type == "qwen3_moe":  # routers and experts are linear layers too
+        assert "model.layers.0.mlp.gate" in paths and "model.layers.0.mlp.switch_mlp.gate_proj" in paths
+    assert target_paths(model, ["all-linear"]) == paths
+
+
+def test_unknown_layout_is_an_error():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    with pytest.raises(ModelError, match="no `layers`"):
+        target_paths(Flat(), ["proj"])
