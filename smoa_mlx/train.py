@@ -530,7 +530,7 @@ def _batchers(data: dict, args, dist: Distributed, seed: int) -> dict[str, Batch
                          f"divisible by the {dist.size} processes")
     local = args.batch_size // dist.size
     return {s: Batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
-                       world_size=dist.size) for s, d in data.items()}
+                       world_size=dist.size) for s, d in data.items() if d}
 
 
 def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
@@ -637,7 +637,7 @@ class _Loop:
     def __init__(self, model, optimizer, args, config, batchers, progress, dist: Distributed):
         self.model, self.optimizer, self.args, self.config = model, optimizer, args, config
         self.dist = dist
-        self.train_batches, self.valid = batchers["train"], batchers["valid"]
+        self.train_batches, self.valid = batchers["train"], batchers.get("valid")
         self.out = Path(args.adapter_path)
         self.step, self.micro = progress["step"], progress["micro_step"]
         self.window, self.trained_tokens = progress["window"], progress["trained_tokens"]
@@ -728,7 +728,9 @@ class _Loop:
             "trained_tokens": self.trained_tokens, "peak_memory_gb": peak,
         })
 
-    def validate(self) -> float:
+    def validate(self) -> float | None:
+        if self.valid is None:  # no valid split: trained without validation, as mlx-lm
+            return None
         tic = time.perf_counter()
         self.model.eval()
         loss = evaluate(self.model, self.valid.eval_batches(self.args.val_batches), dist=self.dist)
