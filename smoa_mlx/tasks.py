@@ -15,21 +15,14 @@ their `finetune.py` trains on, which is what a model fine-tuned on their data ex
 from __future__ import annotations
 
 import bz2
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+from .data import alpaca_prompt, decode_text, json_type, read_records, read_text
+from .errors import ConfigError, DataError, MissingFileError
+
 HELLASWAG_INSTRUCTION = (
     "Please choose the correct ending to complete the given sentence: {ctx}\n\n{endings}\n\n"
     "Answer format: ending1/ending2/ending3/ending4"
@@ -63,15 +56,9 @@ class Item:
     options: list[str] = field(default_factory=list)  # the candidates' own texts, same order
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT.format(instruction=instruction)
-
-
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+        raise ConfigError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
     return task
 
 
@@ -100,7 +87,7 @@ def parse_options(instruction: str) -> tuple[list[str], list[str]]:
     """
     cut = instruction.rfind(_FORMAT)
     if cut < 0:
-        raise ValueError(f"no {_FORMAT!r} line in instruction {instruction[:60]!r}...")
+        raise DataError(f"no {_FORMAT!r} line in instruction {instruction[:60]!r}...")
     labels = instruction[cut + len(_FORMAT):].strip().split("/")
     body = instruction[:cut]
     marks = [m for m in _OPTION.finditer(body) if m.group(1).lower() + m.group(2) in labels]
@@ -110,42 +97,27 @@ def parse_options(instruction: str) -> tuple[list[str], list[str]]:
     found = {m.group(1).lower() + m.group(2): body[m.end():end].strip() for m, end in zip(marks, ends)}
     missing = [label for label in labels if label not in found]
     if missing:
-        raise ValueError(f"option {missing[0]} not found in instruction {instruction[:60]!r}...")
+        raise DataError(f"option {missing[0]} not found in instruction {instruction[:60]!r}...")
     return labels, [found[label] for label in labels]
 
 
-def _read_json_list(path: Path) -> list:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return data
-
-
-def _read_jsonl(path: Path) -> list:
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+def _records(path) -> list[tuple[str, object]]:
+    """(location, record) of a JSON list (.json) or JSON lines (.jsonl) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: dataset file not found")
+    records = list(read_records(path))
+    if not records:
+        raise DataError(f"{path}: empty, no records")
     return records
 
 
-def read_records(path) -> list:
-    """A JSON list (.json) or JSON lines (.jsonl) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset file not found")
-    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_list(path)
-
-
 def _field(record, key: str, where: str):
-    if not isinstance(record, dict) or not isinstance(record.get(key), str):
-        raise ValueError(f"{where}: record has no string field {key!r}")
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {json_type(record)}")
+    if not isinstance(record.get(key), str):
+        got = json_type(record[key]) if key in record else "nothing"
+        raise DataError(f"{where}: {key!r} must be a string, got {got}")
     return record[key]
 
 
@@ -154,19 +126,26 @@ def read_hellaswag_text(path) -> list[dict]:
     "activity_label: ctx", the gold label 0-3, and the 4 endings."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset file not found")
-    opener = bz2.open if path.suffix == ".bz2" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+        raise MissingFileError(f"{path}: dataset file not found")
+    data = path.read_bytes()
+    if path.suffix == ".bz2":
+        try:
+            data = bz2.decompress(data)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a valid bz2 file ({e})") from None
+    lines = decode_text(path, data).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    if not lines:
+        raise DataError(f"{path}: empty, no items")
     if len(lines) % 6:
-        raise ValueError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
+        raise DataError(f"{path}:{len(lines)}: {len(lines)} lines is not a multiple of 6 "
+                        "(context, label, 4 endings per item)")
     items = []
     for i in range(0, len(lines), 6):
         ctx, gold, *endings = lines[i:i + 6]
         if gold.strip() not in ("0", "1", "2", "3"):
-            raise ValueError(f"{path}:{i + 2}: gold label {gold!r} is not 0-3")
+            raise DataError(f"{path}:{i + 2}: gold label {gold!r} is not 0-3")
         items.append({"ctx": ctx, "label": int(gold), "endings": endings})
     return items
 
@@ -178,21 +157,29 @@ def hellaswag_record(ctx: str, label: int, endings: list[str]) -> dict:
             "answer": f"ending{label + 1}"}
 
 
+def _input(record: dict, where: str) -> str:
+    """LLM-Adapters' optional "input" (absent, null or a string)."""
+    value = record.get("input") or ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: 'input' must be a string, got {json_type(value)}")
+    return value
+
+
 def _gsm8k_item(record, where: str) -> Item:
     if isinstance(record, dict) and "question" in record:  # openai/grade-school-math jsonl
         question = _field(record, "question", where)
         solution = _field(record, "answer", where)
         if "####" not in solution:
-            raise ValueError(f"{where}: answer has no '#### <number>' line")
+            raise DataError(f"{where}: answer has no '#### <number>' line")
         answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
         prompt = alpaca_prompt(question)
     else:  # LLM-Adapters json
-        prompt = alpaca_prompt(_field(record, "instruction", where), record.get("input") or "")
+        prompt = alpaca_prompt(_field(record, "instruction", where), _input(record, where))
         answer = str(record.get("answer", ""))
     try:
         float(answer)
     except ValueError:
-        raise ValueError(f"{where}: answer {answer!r} is not a number") from None
+        raise DataError(f"{where}: answer {answer!r} is not a number") from None
     return Item(prompt, answer)
 
 
@@ -201,14 +188,14 @@ def load_items(task: str, path, limit: int | None = None) -> list[Item]:
     check_task(task)
     path = Path(path)
     if task == "perplexity":
-        raise ValueError("perplexity reads documents, not items: use read_documents")
+        raise ConfigError("perplexity reads documents, not items: use read_documents")
     if task == "hellaswag" and path.suffix in (".txt", ".bz2"):
-        records = [hellaswag_record(**r) for r in read_hellaswag_text(path)[:limit]]
+        records = [(f"{path}:{6 * i + 1}", hellaswag_record(**r))
+                   for i, r in enumerate(read_hellaswag_text(path)[:limit])]
     else:
-        records = read_records(path)[:limit]
+        records = _records(path)[:limit]
     items = []
-    for i, record in enumerate(records):
-        where = f"{path}: record {i}"
+    for where, record in records:
         if task == "gsm8k":
             items.append(_gsm8k_item(record, where))
             continue
@@ -216,11 +203,11 @@ def load_items(task: str, path, limit: int | None = None) -> list[Item]:
         answer = _field(record, "answer", where)
         try:
             labels, options = parse_options(instruction)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
         if answer not in labels:
-            raise ValueError(f"{where}: answer {answer!r} is not one of {'/'.join(labels)}")
-        items.append(Item(alpaca_prompt(instruction, record.get("input") or ""), answer, labels, options))
+            raise DataError(f"{where}: answer {answer!r} is not one of {'/'.join(labels)}")
+        items.append(Item(alpaca_prompt(instruction, _input(record, where)), answer, labels, options))
     return items
 
 
@@ -229,12 +216,12 @@ def read_documents(path, limit: int | None = None) -> list[str]:
     or JSON lines / a JSON list of {"text": ...} records."""
     path = Path(path)
     if path.suffix in (".json", ".jsonl"):
-        docs = [_field(r, "text", f"{path}: record {i}") for i, r in enumerate(read_records(path))]
+        docs = [_field(r, "text", where) for where, r in _records(path)]
     else:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: dataset file not found")
-        docs = path.read_text(encoding="utf-8").split("<|endoftext|>")
+            raise MissingFileError(f"{path}: dataset file not found")
+        docs = read_text(path).split("<|endoftext|>")
     docs = [d.strip() for d in docs if d.strip()]
     if not docs:
-        raise ValueError(f"{path}: no text found")
+        raise DataError(f"{path}: empty, no text found")
     return docs[:limit]

@@ -62,7 +62,7 @@ def _batchers(data: dict, args, dist: Distributed, seed: int) -> dict[str, Batch
                          f"divisible by the {dist.size} processes")
     local = args.batch_size // dist.size
     return {s: Batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
-                       world_size=dist.size) for s, d in data.items()}
+                       world_size=dist.size) for s, d in data.items() if d}
 
 
 def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:

@@ -323,7 +323,7 @@ class Loop:
     def __init__(self, model, optimizer, args, config, batchers, state, dist: Distributed):
         self.model, self.optimizer, self.args, self.config = model, optimizer, args, config
         self.dist, self.state = dist, state
-        self.train_batches, self.valid = batchers["train"], batchers["valid"]
+        self.train_batches, self.valid = batchers["train"], batchers.get("valid")
         self.out = Path(args.adapter_path)
         self.last_saved = state.step or None
         state.rng = _rng_key()  # at the last update boundary: a resumed run restarts there
@@ -417,7 +417,9 @@ class Loop:
             "trained_tokens": st.trained_tokens, "peak_memory_gb": peak,
         })
 
-    def validate(self) -> float:
+    def validate(self) -> float | None:
+        if self.valid is None:  # no valid split: trained without validation, as mlx-lm
+            return None
         tic = time.perf_counter()
         self.model.eval()
         n = self.args.val_batches

@@ -1,7 +1,9 @@
 """evaluate: LLM-Adapters answer extraction, dataset loaders, log-likelihood scoring, perplexity."""
 
+import bz2
 import json
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -173,3 +175,53 @@ def test_cli_errors_are_one_line(args, words):
     assert out.returncode != 0
     lines = error_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
+
+
+# ---------------------------------------------------------------- bad task files (one line, file:line)
+
+CHOICE = {"instruction": "Is it? Answer format: true/false", "input": "", "output": "", "answer": "true"}
+BAD_TASK_FILES = [
+    # (task, file name, content, expected message after "<path>:")
+    ("boolq", "t.json", "", r" empty, no records$"),
+    ("boolq", "t.jsonl", "\n\n", r" empty, no records$"),
+    ("boolq", "t.json", '{"instruction": "x"}', r"1: expected a JSON list of records"),
+    ("boolq", "t.json", '[\n  ["x"]\n]', r"2: record 0: expected a JSON object, got a list"),
+    ("boolq", "t.jsonl", json.dumps(CHOICE) + '\n["x"]\n', r"2: expected a JSON object, got a list"),
+    ("boolq", "t.jsonl", json.dumps(CHOICE) + "\n{oops\n", r"2: invalid JSON: "),
+    ("boolq", "t.jsonl", json.dumps({**CHOICE, "answer": 1}) + "\n", r"1: 'answer' must be a string, got a number"),
+    ("boolq", "t.jsonl", json.dumps({**CHOICE, "input": 3}) + "\n", r"1: 'input' must be a string, got a number"),
+    ("boolq", "t.jsonl", json.dumps({**CHOICE, "answer": "maybe"}) + "\n", r"1: answer 'maybe' is not one of true/false"),
+    ("boolq", "t.jsonl", json.dumps({**CHOICE, "instruction": "no format"}) + "\n", r"1: no 'Answer format:' line"),
+    ("gsm8k", "t.jsonl", '{"question": "q", "answer": "no marker"}\n', r"1: answer has no '#### <number>' line"),
+    ("gsm8k", "t.jsonl", '{"question": "q", "answer": "#### many"}\n', r"1: answer 'many' is not a number"),
+    ("gsm8k", "t.jsonl", '{"question": 7, "answer": "#### 1"}\n', r"1: 'question' must be a string, got a number"),
+    ("hellaswag", "t.txt", "", r" empty, no items$"),
+    ("hellaswag", "t.txt", "ctx\n0\na\nb\n", r"4: 4 lines is not a multiple of 6"),
+    ("hellaswag", "t.txt", "ctx\n7\na\nb\nc\nd\n", r"2: gold label '7' is not 0-3"),
+    ("hellaswag", "t.bz2", "not bz2", r" not a valid bz2 file"),
+    ("perplexity", "t.txt", " \n<|endoftext|>\n", r" empty, no text found$"),
+    ("perplexity", "t.jsonl", '{"text": "a"}\n{"txt": "b"}\n', r"2: 'text' must be a string, got nothing"),
+]
+
+
+@pytest.mark.parametrize("task, name, content, message", BAD_TASK_FILES)
+def test_bad_task_files_name_file_and_line(tmp_path, task, name, content, message):
+    from smoa_mlx.errors import DataError
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        read_documents(path) if task == "perplexity" else load_items(task, path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}:"), str(e.value)
+    assert re.match(message, str(e.value)[len(f"{path}:"):]), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["t.jsonl", "t.txt", "t.bz2"])
+def test_task_file_not_utf8_names_the_line(tmp_path, name):
+    from smoa_mlx.errors import DataError
+
+    data = b'{"text": "a"}\n{"text": "caf\xe9"}\n'
+    path = tmp_path / name
+    path.write_bytes(bz2.compress(data) if name.endswith(".bz2") else data)
+    with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 text \(byte 27 of the file\)$"):
+        read_documents(path) if name != "t.bz2" else load_items("hellaswag", path)

@@ -390,9 +390,6 @@ def _bad_cases(tiny, arith, tmp):
     bad_line.mkdir()
     (bad_line / "train.jsonl").write_text((arith / "train.jsonl").read_text() + "{not json\n")
     (bad_line / "valid.jsonl").write_text((arith / "valid.jsonl").read_text())
-    no_valid = tmp / "novalid"
-    no_valid.mkdir()
-    (no_valid / "train.jsonl").write_text((arith / "train.jsonl").read_text())
     empty = tmp / "empty"
     empty.mkdir()
     (empty / "train.jsonl").write_text("\n")
@@ -401,7 +398,6 @@ def _bad_cases(tiny, arith, tmp):
     yaml_bad.write_text("iters: 5\nlearning_rat: 1e-3\n")
     return {
         "malformed line": ({"data": bad_line}, r"train\.jsonl:33: invalid JSON"),
-        "missing split": ({"data": no_valid}, "valid split is missing"),
         "empty split": ({"data": empty}, r"train\.jsonl: empty"),
         "unknown target": ({"data": arith, "targets": ["qq_proj"]}, "unknown target module"),
         "missing model": ({"data": arith, "model": str(tmp / "nope")}, "pass --model PATH"),
