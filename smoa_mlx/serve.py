@@ -451,15 +451,23 @@ class Chunk:
     usage: dict | None = None
 
 
-def _token_logprobs(response, top: int):
+def _token_logprobs(response, top: int, prev: int):
+    """(previous token, token, logprob, [(id, logprob)] of the `top` most likely)."""
     lp = response.logprobs
-    entry = (response.token, lp[response.token].item(), [])
+    entry = (prev, response.token, lp[response.token].item(), [])
     if top > 0:
         ids = mx.argpartition(-lp, kth=top - 1)[:top]
         vals = lp[ids]
         order = mx.argsort(-vals)
-        entry[2].extend(zip(ids[order].tolist(), vals[order].tolist()))
+        entry[3].extend(zip(ids[order].tolist(), vals[order].tolist()))
     return entry
+
+
+def _piece(tokenizer, prev: int, token: int) -> str:
+    """A token's text as it reads after `prev` (SentencePiece drops a leading space when alone)."""
+    before = tokenizer.decode([prev])
+    both = tokenizer.decode([prev, token])
+    return both[len(before):] if both.startswith(before) else tokenizer.decode([token])
 
 
 def _initial_state(tokenizer, tokens) -> str:
@@ -572,9 +580,11 @@ class Server(ThreadingHTTPServer):
             _initial_state(self.tokenizer, tokens) if chat else "normal")
         prev, text, sent, tool_text, called = sm_state[0], "", 0, "", False
         out = Chunk()
+        last_token = tokens[-1]
         for r in responses:
             if want_logprobs:
-                out.logprobs.append(_token_logprobs(r, top))
+                out.logprobs.append(_token_logprobs(r, top, last_token))
+                last_token = r.token
             if r.finish_reason == "stop":
                 sm_state, state = TextStateMachine.discard(sm_state)
                 segments = [(state, "")]
@@ -616,21 +626,21 @@ class Server(ThreadingHTTPServer):
 
 
 def _logprobs_chat(tokenizer, entries):
-    def item(t, lp):
-        s = tokenizer.decode([t])
+    def item(prev, t, lp):
+        s = _piece(tokenizer, prev, t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
-                        for t, lp, top in entries]}
+    return {"content": [{**item(prev, t, lp), "top_logprobs": [item(prev, i, v) for i, v in top]}
+                        for prev, t, lp, top in entries]}
 
 
 def _logprobs_text(tokenizer, entries, offset):
     tokens, offsets = [], []
-    for t, _, _ in entries:
-        tokens.append(tokenizer.decode([t]))
+    for prev, t, _, _ in entries:
+        tokens.append(_piece(tokenizer, prev, t))
         offsets.append(offset)
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{tokenizer.decode([i]): v for i, v in top} for _, _, top in entries],
+    return {"tokens": tokens, "token_logprobs": [lp for _, _, lp, _ in entries],
+            "top_logprobs": [{_piece(tokenizer, prev, i): v for i, v in top} for prev, _, _, top in entries],
             "text_offset": offsets}
 
 

@@ -493,3 +493,125 @@ def test_cli_serves_and_refuses_a_missing_adapter_dir(tiny_model_dir, tmp_path):
     assert out.returncode == 1
     assert error_lines(out.stderr) == [f"error: {tmp_path / 'none'}: adapter directory not found"]
     assert os.path.isdir(tiny_model_dir)
+
+
+# ---- the official openai client ----
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_chat(client, reference):
+    out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=10, temperature=0,
+                                         frequency_penalty=0, presence_penalty=0, n=1, user="me",
+                                         seed=1, top_p=1.0, logprobs=True, top_logprobs=2)
+    assert out.choices[0].message.content == reference(USER, 10)[0]
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 10
+    assert len(out.choices[0].logprobs.content) == 10
+    assert all(len(t.top_logprobs) == 2 for t in out.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model="alpha", messages=USER, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference(USER, 10, "alpha")[0]
+    assert chunks[-1].usage.completion_tokens == 10
+    # mlx-lm's extensions go through extra_body.
+    out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=10, temperature=1.0,
+                                         extra_body={"top_k": 1, "min_p": 0.05})
+    assert out.choices[0].message.content == reference(USER, 10)[0]
+
+
+def test_openai_client_completions_models_and_errors(client, loaded):
+    import openai
+
+    model, tok = loaded["tiny"]
+    expected = mlx_lm.generate(model, tok, tok.encode("Once upon"), max_tokens=7)
+    out = client.completions.create(model="tiny", prompt="Once upon", max_tokens=7)
+    assert out.choices[0].text == expected
+    stream = client.completions.create(model="tiny", prompt="Once upon", max_tokens=7, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected
+    assert [m.id for m in client.models.list()] == ["tiny", "alpha", "beta"]
+    with pytest.raises(openai.BadRequestError, match="several choices"):
+        client.chat.completions.create(model="tiny", messages=USER, n=3)
+    with pytest.raises(openai.NotFoundError, match="gpt-4o"):
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}</s>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m.tool_calls %}{% for tool_call in m.tool_calls %}"
+    "<tool_call>{{ tool_call.function | tojson }}</tool_call>{% endfor %}{% else %}{{ m['content'] }}"
+    "{% endif %}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{# json tools: tool_call.name #}"
+)
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a chat template that renders tools (mlx-lm infers its json_tools parser)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tools") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOLS_TEMPLATE}))
+    model, tok = smoa_mlx.load(str(path))
+    assert tok.has_tool_calling and tok.tool_call_start == "<tool_call>"
+    srv = make_server(model, tok, "127.0.0.1", 0, model_name="tools")
+    thread = start(srv)
+    yield srv
+    stop(srv, thread)
+
+
+def scripted(monkeypatch, pieces, seen):
+    """Replace only the model's decoding by a scripted reply; everything around it is real."""
+    from types import SimpleNamespace
+
+    from smoa_mlx.generate import PromptCache
+
+    def stream(self, tokenizer, tokens, max_tokens, sampler=None, logits_processors=None):
+        seen.append(list(tokens))
+        for i, text in enumerate(pieces):
+            yield SimpleNamespace(text=text, token=5, logprobs=None, prompt_tokens=len(tokens),
+                                  generation_tokens=i + 1,
+                                  finish_reason="stop" if i == len(pieces) - 1 else None)
+    monkeypatch.setattr(PromptCache, "stream", stream)
+
+
+def test_openai_client_tool_calls(tool_server, monkeypatch):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0)
+    tok = tool_server.tokenizer
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    pieces = ["Let me check.", "<tool_", 'call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}',
+              "</tool_call>", ""]
+    seen = []
+    scripted(monkeypatch, pieces, seen)
+    out = client.chat.completions.create(model="tools", messages=messages, tools=WEATHER)
+    assert seen[-1] == list(tok.apply_chat_template(messages, tools=WEATHER, add_generation_prompt=True))
+    assert "Tools: get_weather" in tok.decode(seen[-1])
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(client.chat.completions.create(model="tools", messages=messages, tools=WEATHER, stream=True))
+    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [
+        (0, "get_weather", {"city": "Paris"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The call and its result go back through the template on the next turn.
+    history = messages + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    scripted(monkeypatch, ["It is sunny.", ""], seen)
+    out = client.chat.completions.create(model="tools", messages=history, tools=WEATHER)
+    assert out.choices[0].message.content == "It is sunny." and out.choices[0].finish_reason == "stop"
+    assert '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>' in tok.decode(seen[-1])
+    assert "<|tool|>\nsunny" in tok.decode(seen[-1])
