@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapters import CONFIG, load_adapter
+from ..card import write_adapter_card, write_peft_card
 from ..files import read_json
 from . import hira, lora, parity, smoa
 from .names import check_model_type
@@ -68,6 +69,7 @@ def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, 
     check_model_type(config.get("model_type"))
     with staged_dir(out) as tmp:
         report = importer(mlx_model, peft, model, tmp, log=log)
+        write_adapter_card(tmp, name=Path(out).name)
     log(f"wrote MLX adapter {out} ({fmt} from {src})")
     if measure_parity:
         adapted, _, _, _ = load_base(model, out)
@@ -90,6 +92,7 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
     extra = {"rank": rank} if fmt == "lora" else {}
     with staged_dir(out) as tmp:
         report = exporter(mlx_model, model, tmp, log=log, **extra)
+        write_peft_card(tmp, adapter_path, fmt, model, name=Path(out).name)
     log(f"wrote {fmt} adapter {out} (PyTorch layout) from {adapter_path}")
     if measure_parity:
         if fmt == "lora":
