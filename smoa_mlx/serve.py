@@ -508,10 +508,6 @@ class Server(ThreadingHTTPServer):
         return getattr(args, "vocab_size", None) or len(self.tokenizer.get_vocab())
 
     @property
-    def cache(self) -> PromptCache:
-        return self.adapters.default.cache
-
-    @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"

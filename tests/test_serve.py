@@ -615,3 +615,32 @@ def test_openai_client_tool_calls(tool_server, monkeypatch):
     assert out.choices[0].message.content == "It is sunny." and out.choices[0].finish_reason == "stop"
     assert '<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>' in tok.decode(seen[-1])
     assert "<|tool|>\nsunny" in tok.decode(seen[-1])
+
+
+def test_cli_serves_the_default_adapter_and_the_directory(tiny_model_dir, adapter_dir, reference):
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "smoa_mlx.serve", "--model", str(tiny_model_dir),
+                             "--adapter-path", str(adapter_dir / "served" / "alpha"),
+                             "--adapter-dir", str(adapter_dir / "served"), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "[serve]" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited"
+        url = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.group(1)), timeout=60)
+        conn.request("GET", "/v1/models")
+        ids = [m["id"] for m in json.loads(conn.getresponse().read())["data"]]
+        assert ids == [str(tiny_model_dir), "alpha", "beta"]
+        body = json.dumps({"messages": USER, "max_tokens": 6}).encode()
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        out = json.loads(conn.getresponse().read())
+        assert out["choices"][0]["message"]["content"] == reference(USER, 6, "alpha")[0]  # the default
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
