@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from .card import write_fused_card
 from .cli import run
 from .errors import AdapterError
 from .files import read_config, staged_dir, write_json
 from .layer import adapter_layers
 from .layouts.names import check_model_type
 from .loader import load_base
+from .fuse_check import FuseCheck, describe
+from .gguf import write_gguf
+from .hub import add_upload_args, upload_folder
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
@@ -33,19 +38,25 @@ def fuse_layers(model, dequantize: bool = False) -> int:
     return len(fused)
 
 
-def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool = False, log=print):
-    """Merge the adapter at `adapter_path` into `model` and save the result to `save_path`."""
+def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool = False, log=print,
+         gguf_path=None, gguf_dtype: str = "float16"):
+    """Merge the adapter at `adapter_path` into `model` and save the result to `save_path`
+    (with a model card, and a GGUF file `save_path/gguf_path` if given)."""
     from mlx_lm.utils import dequantize_model, save_config, save_model
 
     mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
     if hf:
         check_model_type(config.get("model_type"))
     dequantize = dequantize or hf
+    quantized = any(k in config for k in QUANTIZATION_KEYS)
+    check = FuseCheck(mlx_model, tokenizer)
     count = fuse_layers(mlx_model, dequantize)
     if count == 0:
         raise AdapterError(f"{adapter_path}: the adapter has no layers to fuse")
     if dequantize:
         mlx_model = dequantize_model(mlx_model)
+    parity = check.measure(mlx_model)
+    log(describe(parity, quantized and not dequantize)[0])
     with staged_dir(save_path) as tmp:
         save_model(tmp, mlx_model)
         if hf:
@@ -62,6 +73,9 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
         tokenizer.save_pretrained(str(tmp))
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", tmp)
+        write_fused_card(tmp, model, adapter_path, hf, parity, name=Path(save_path).name)
+        if gguf_path is not None:
+            write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), config, tmp, gguf_dtype)
     kind = "Hugging Face checkpoint" if hf else "MLX model"
     log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")
     return save_path
@@ -80,12 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Write a float Hugging Face checkpoint that transformers loads, not an MLX model.")
     parser.add_argument("--de-quantize", "--dequantize", dest="dequantize", action="store_true",
                         help="Keep a quantized base de-quantized after merging.")
+    parser.add_argument("--export-gguf", action="store_true",
+                        help="Also write the fused model as GGUF for llama.cpp (Llama; needs the gguf extra).")
+    parser.add_argument("--gguf-path", default=None,
+                        help="GGUF file name inside --save-path (default: ggml-model-f16.gguf / -f32).")
+    parser.add_argument("--gguf-dtype", choices=["float16", "float32"], default="float16",
+                        help="GGUF tensor type (norms are always float32).")
+    add_upload_args(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    fuse(args.model, args.adapter_path, args.save_path, hf=args.hf, dequantize=args.dequantize)
+    gguf_path = None
+    if args.export_gguf:
+        gguf_path = args.gguf_path or f"ggml-model-f{16 if args.gguf_dtype == 'float16' else 32}.gguf"
+    fuse(args.model, args.adapter_path, args.save_path, hf=args.hf, dequantize=args.dequantize,
+         gguf_path=gguf_path, gguf_dtype=args.gguf_dtype)
+    if args.upload_repo:
+        upload_folder(args.save_path, args.upload_repo, private=args.upload_private)
     return 0
 
 

@@ -109,7 +109,7 @@ class PromptCache:
         self.cache = make_prompt_cache(self.model)
         self.tokens: list[int] = []
 
-    def stream(self, tokenizer, tokens: list[int], max_tokens: int, sampler=None):
+    def stream(self, tokenizer, tokens: list[int], max_tokens: int, sampler=None, logits_processors=None):
         """Yield mlx-lm `GenerationResponse`s for the reply to `tokens`."""
         if not tokens:
             raise ValueError("the prompt is empty")
@@ -121,11 +121,14 @@ class PromptCache:
                 self.reset()
                 keep = 0
         self.tokens = list(tokens[:keep])
+        if logits_processors and keep:  # penalties see the whole prompt, as in a fresh generation
+            prefix = mx.array(tokens[:keep])
+            logits_processors = [lambda t, x, p=p: p(mx.concatenate([prefix, t]), x) for p in logits_processors]
         generated: list[int] = []
         try:
             for response in stream_generate(
                 self.model, tokenizer, mx.array(tokens[keep:]), max_tokens=max_tokens,
-                sampler=sampler, prompt_cache=self.cache,
+                sampler=sampler, logits_processors=logits_processors, prompt_cache=self.cache,
             ):
                 generated.append(response.token)
                 yield response

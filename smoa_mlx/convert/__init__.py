@@ -9,7 +9,10 @@ into place, and MLX-vs-PyTorch parity is measured when PyTorch is installed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..adapters import read_adapter_config
+from ..card import write_adapter_card, write_peft_card
 from ..errors import AdapterError, ConfigError
 from ..files import staged_dir
 from ..layouts.names import check_model_type
@@ -61,6 +64,7 @@ def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, 
     extra = {"plan_dtype": plan_dtype} if plan_dtype else {}
     with staged_dir(out) as tmp:
         report = importer(mlx_model, peft, model, tmp, log=log, **extra)
+        write_adapter_card(tmp, name=Path(out).name)
     log(f"wrote MLX adapter {out} ({fmt} from {src})")
     if measure_parity:
         adapted, _, _, _ = load_base(model, out)
@@ -83,6 +87,7 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
     extra = {"rank": rank} if fmt == "lora" else {}
     with staged_dir(out) as tmp:
         report = exporter(mlx_model, model, tmp, log=log, **extra)
+        write_peft_card(tmp, adapter_path, fmt, model, name=Path(out).name)
     log(f"wrote {fmt} adapter {out} (PyTorch layout) from {adapter_path}")
     if measure_parity:
         if fmt == "lora":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import UsageError, run
+from ..hub import add_upload_args, upload_folder
 from . import FORMATS, export_adapter, import_adapter
 
 FORMAT_HELP = (
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (imp, exp):
         p.add_argument("--no-parity", action="store_true",
                        help="Skip measuring MLX vs PyTorch logits (which needs the torch extra).")
+        add_upload_args(p)
     return parser
 
 
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
         if args.rank is not None and args.format != "lora":
             raise UsageError("--rank applies to --format lora only")
         export_adapter(args.format, args.model, args.adapter_path, args.out, args.rank, not args.no_parity)
+    if args.upload_repo:
+        upload_folder(args.out, args.upload_repo, private=args.upload_private)
     return 0
 
 
