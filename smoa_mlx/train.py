@@ -90,7 +90,7 @@ def _train(args, resume, dist: Distributed) -> dict:
     base = model_digest(model) if dist.size > 1 else None
     if args.method != "lora" and resume is None:
         print(f"Planning the {args.method} blocks of each adapted weight...", flush=True)
-    paths, summary = adapt(model, args, resume)
+    paths, summary = adapt(model, args, resume, progress=dist.main)
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     schedule = build_schedule(args.lr_schedule, args.learning_rate, args.iters, args.warmup)

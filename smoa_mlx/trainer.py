@@ -206,7 +206,8 @@ def upcast_base(model: nn.Module) -> None:
     model.update(tree_map(up, model.parameters()))
 
 
-def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None) -> tuple[list[str], dict]:
+def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None,
+          progress: bool = True) -> tuple[list[str], dict]:
     """Freeze the model and add the method's adapter layers (loading resumed tensors).
 
     Returns the adapted module paths and the trainable-parameter summary.
@@ -232,7 +233,7 @@ def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None) -> tuple
                     f"{resume.source}: its adapted modules do not match --targets/--num-layers"
                 )
         apply_smoa(model, keys=paths, rank=args.rank, num_blocks=args.num_blocks,
-                   alpha=args.alpha, dropout=args.dropout, orders=orders)
+                   alpha=args.alpha, dropout=args.dropout, orders=orders, progress=progress)
     dtype = DTYPES[args.dtype]
     model.update(tree_map(lambda p: p.astype(dtype), model.trainable_parameters()))
     if resume is not None:
