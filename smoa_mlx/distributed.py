@@ -27,6 +27,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .errors import ConfigError, SMoAError
+
 SAME_RUN = "every process must run the same command on the same model, data and checkpoint"
 _INT31 = 2**31 - 1  # counts and digests are exchanged as int32
 _WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_WORLD_SIZE")  # mpirun, nccl
@@ -90,12 +92,12 @@ class Distributed:
             try:
                 group = mx.distributed.init()
             except RuntimeError as e:
-                raise ValueError(f"cannot start MLX distributed training ({e})") from None
+                raise ConfigError(f"cannot start MLX distributed training ({e})") from None
         # Without its backend (say, MPI not found) MLX quietly gives every process a group
         # of its own, and each would train alone and write the same files.
         launched = max([int(os.environ.get(v, 1)) for v in _WORLD_SIZE_VARS])
         if group.size() == 1 and launched > 1:
-            raise ValueError(f"launched as one of {launched} processes, but MLX started no "
+            raise ConfigError(f"launched as one of {launched} processes, but MLX started no "
                              "distributed backend (is MPI installed where MLX looks for it?)")
         return cls(group, timeout)
 
@@ -113,7 +115,7 @@ class Distributed:
             except RuntimeError as e:
                 if self.size == 1:
                     raise
-                raise ValueError(
+                raise SMoAError(
                     f"rank {self.rank}: {what} failed, a process of the group stopped "
                     f"({str(e).strip()}); resume from the last checkpoint with --resume"
                 ) from None
@@ -142,7 +144,7 @@ class Distributed:
             mx.eval(table)
         error = disagreement(shown, hashed, np.array(table).reshape(self.size, -1))
         if error:
-            raise ValueError(error)
+            raise ConfigError(error)
 
     @contextmanager
     def quiet(self):

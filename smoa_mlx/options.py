@@ -75,11 +75,11 @@ def opt(default, help: str, *, type=None, choices=None, kind: str = "value", cli
                 structural=structural, per_invocation=per_invocation, local=local,
                 shown=shown, flags=flags)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type_copy(default), metadata=meta)
+        return field(default_factory=lambda: _copy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def type_copy(value):
+def _copy(value):
     return list(value) if isinstance(value, list) else dict(value)
 
 

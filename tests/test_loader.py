@@ -82,3 +82,21 @@ def test_unreachable_hub_is_one_line_from_every_cli(tmp_path):
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("error: cannot load model 'someone/not-here'")
         assert "pass --model PATH" in lines[0]
+
+
+def test_the_adapter_is_applied_by_every_loader(tiny_model_dir, make_adapter, trained_adapter, tmp_path):
+    """load_base, smoa_mlx.load and the CLIs' load_model give the same adapted model."""
+    import mlx.core as mx
+    import numpy as np
+
+    from smoa_mlx.generate import load_model
+
+    tokens = mx.array([[1, 5, 9, 12, 40, 7]])
+    base = np.array(loader.load_base(str(tiny_model_dir)).model(tokens))
+    for adapter in (make_adapter(tiny_model_dir, tmp_path / "random"), trained_adapter):
+        a = np.array(loader.load_base(str(tiny_model_dir), adapter).model(tokens))
+        b = np.array(smoa_mlx.load(str(tiny_model_dir), adapter_path=str(adapter))[0](tokens))
+        c = np.array(load_model(str(tiny_model_dir), str(adapter))[0](tokens))
+        assert np.abs(a - base).max() > 1e-3
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
