@@ -1,8 +1,8 @@
 """Write the example dataset bundled with smoa_mlx (smoa_mlx/bundled/{train,valid,test}.jsonl).
 
 What it teaches: given a two-sentence story, fill in a fixed card
-`Who: <name>. What: <thing>. Where: <place>. Feeling: <feeling>.`, copying the four
-fields out of stories of many shapes. The words are TinyStories English, so the bundled
+`Who: <name>. What: <thing>. Where: <place>.`, copying the three fields out of stories
+of many shapes (the feeling each story also names is a distractor). The words are TinyStories English, so the bundled
 base model (stories260K, which knows nothing else) learns it in the default run of
 `python -m smoa_mlx.train`, about a minute on a CPU; any chat model learns it too.
 
@@ -30,7 +30,6 @@ GIRLS = ["Lily", "Sue", "Mia", "Anna", "Lucy", "Amy", "Sara", "Emma", "Molly", "
          "Zoe", "Sally", "Daisy"]
 BOYS = ["Tom", "Ben", "Max", "Tim", "Sam", "Jack", "Bob", "Jake", "Mike", "Timmy", "Billy",
         "Mark", "Joe"]
-ADJECTIVES = ["red", "blue", "green", "yellow", "big", "little", "shiny", "soft", "old", "new"]
 THINGS = ["ball", "kite", "doll", "book", "cake", "box", "hat", "toy car", "teddy bear",
           "apple", "flower", "bike", "boat", "balloon", "drum", "shell", "rock", "stick",
           "cookie", "cup"]
@@ -58,13 +57,13 @@ def article(words: str) -> str:
 def make_record(rng: random.Random) -> dict:
     girl = rng.random() < 0.5
     name = rng.choice(GIRLS if girl else BOYS)
-    thing = article(f"{rng.choice(ADJECTIVES)} {rng.choice(THINGS)}")
+    thing = article(rng.choice(THINGS))
     place, feeling = rng.choice(PLACES), rng.choice(FEELINGS)
     pronoun = "she" if girl else "he"
     story = rng.choice(STORIES).format(p=name, s=pronoun, S=pronoun.capitalize(),
                                        o="her" if girl else "him", t=thing, l=place, f=feeling)
     return {"prompt": f"Story: {story}\n",
-            "completion": f"Who: {name}. What: {thing}. Where: the {place}. Feeling: {feeling}."}
+            "completion": f"Who: {name}. What: {thing}. Where: the {place}."}
 
 
 def make_splits(seed: int = SEED) -> dict[str, list[dict]]:

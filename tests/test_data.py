@@ -177,8 +177,8 @@ def test_real_llm_adapters_json(stories_tok, datasets_dir):
     assert len(examples) == len(records) == 500
     for record, ex in zip(records[:20], examples):
         prompt = NO_INPUT.format(record["instruction"])
-        assert ex.tokens == stories_tok.encode(prompt + record["output"]) + [2]
-        assert stories_tok.decode(masked_targets(ex)).strip() == record["output"] + "</s>"
+        assert ex.tokens == stories_tok.encode(prompt + record["output"]) + [1]
+        assert stories_tok.decode(masked_targets(ex)).strip() == record["output"] + "<s>"
 
 
 def test_real_llm_adapters_math_with_empty_outputs(stories_tok, datasets_dir):
@@ -186,7 +186,7 @@ def test_real_llm_adapters_math_with_empty_outputs(stories_tok, datasets_dir):
     path = datasets_dir / "llm_adapters" / "ft-training_set" / "math_data.json"
     examples = load_split(path, stories_tok, mask_prompt=True)
     assert len(examples) == 3260
-    assert examples[175].tokens[examples[175].prompt_len:] == [2]
+    assert examples[175].tokens[examples[175].prompt_len:] == [1]
 
 
 def test_real_wikisql_jsonl(stories_tok, datasets_dir):
@@ -194,14 +194,14 @@ def test_real_wikisql_jsonl(stories_tok, datasets_dir):
     data = load_data(data_dir, stories_tok, splits=("train", "valid", "test"))
     assert {k: len(v) for k, v in data.items()} == {"train": 1000, "valid": 100, "test": 100}
     first = json.loads((data_dir / "valid.jsonl").read_text().split("\n")[0])["text"]
-    assert data["valid"][0].tokens == stories_tok.encode(first) + [2]
+    assert data["valid"][0].tokens == stories_tok.encode(first) + [1]
     with pytest.raises(ValueError, match=r"train\.jsonl:1: the text format has no prompt to mask"):
         load_data(data_dir, stories_tok, mask_prompt=True)
 
 
 # ---------------------------------------------------------------- bundled model and dataset
 
-CARD = re.compile(r"Who: (\w+)\. What: (an? [\w ]+)\. Where: the (\w+)\. Feeling: (\w+)\.")
+CARD = re.compile(r"Who: (\w+)\. What: (an? [\w ]+)\. Where: the (\w+)\.")
 
 
 def test_bundled_dataset_is_story_cards_the_story_determines(stories_tok, tok):
@@ -218,9 +218,10 @@ def test_bundled_dataset_is_story_cards_the_story_determines(stories_tok, tok):
             fields = CARD.fullmatch(record["completion"]).groups()
             assert all(field in story for field in fields)  # the card copies the story
             stories.setdefault(story, split)
-            # No chat template: the prompt then the completion, the loss on the card + EOS.
-            assert ex.tokens == stories_tok.encode(record["prompt"] + record["completion"]) + [2]
-            assert stories_tok.decode(masked_targets(ex)) == record["completion"] + "</s>"
+            # No chat template: the prompt then the completion, the loss on the card + EOS
+            # (stories260K's is <s>, id 1: see its README.md).
+            assert ex.tokens == stories_tok.encode(record["prompt"] + record["completion"]) + [1]
+            assert stories_tok.decode(masked_targets(ex)) == record["completion"] + "<s>"
     assert len(stories) == 380  # no story repeats within or across splits
     # A chat model sees one user turn and one assistant turn.
     ex = load_data(BUNDLED_DATA, tok, mask_prompt=True, splits=("train",))["train"][0]
@@ -242,6 +243,7 @@ def test_bundled_model_is_the_real_stories260k():
 
     model, tok = load(str(BUNDLED_MODEL))
     assert tok.chat_template is None  # a base model: the bundled data must not need a template
+    assert tok.eos_token_ids == {1} and tok.eos_token_id == 1  # llama2.c ends a story with BOS
     text = generate(model, tok, "Once upon a time", max_tokens=30, verbose=False)
     assert text.startswith(", there was a little girl named Lily. She loved to play outside in the park.")
     readme = (BUNDLED_MODEL / "README.md").read_text()
@@ -252,7 +254,8 @@ def test_bundled_model_is_the_real_stories260k():
 
 
 def test_bundled_model_learns_the_bundled_data(tmp_path):
-    """The main job's model and data: a short run must clearly lower the validation loss."""
+    """The main job's model and data: a short run must clearly lower the validation loss
+    (3.3 before training; the full default run reaches about 0.03)."""
     from smoa_mlx.train import train
 
     result = train({"model": str(BUNDLED_MODEL), "iters": 30, "warmup": 3, "learning_rate": 1e-2,
