@@ -29,6 +29,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .cli import run
 from .data import common_prefix
+from .errors import ConfigError
 from .files import write_json
 from .generate import add_model_args, load_model
 from .tasks import (
@@ -55,7 +56,7 @@ def candidate_logprobs(model, tokenizer, prompt: str, candidates: list[str]) -> 
         full = tokenizer.encode(prompt + c)
         start = min(common_prefix(context, full), len(full) - 1)
         if start < 1 or not c:
-            raise ValueError(f"candidate {c!r} adds no tokens to the prompt")
+            raise ConfigError(f"candidate {c!r} adds no tokens to the prompt")
         seqs.append(full)
         starts.append(start)
     shared = min(starts) - 1  # leading tokens whose own logits are not needed
@@ -177,9 +178,9 @@ def main(argv=None) -> int:
     for flag in ("limit", "max_tokens", "max_seq_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if task == "gsm8k" and args.mode == "loglik":
-        raise ValueError("gsm8k has no answer choices to score: use --mode generate")
+        raise ConfigError("gsm8k has no answer choices to score: use --mode generate")
     if task == "perplexity":
         data = read_documents(args.data, args.limit)
     else:

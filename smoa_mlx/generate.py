@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .cli import run
 from .data import common_prefix
+from .errors import ConfigError
 from .loader import load_model
 
 DEFAULT_MAX_TOKENS = 100
@@ -51,9 +52,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 def sampler_from(temp: float = DEFAULT_TEMP, top_p: float = DEFAULT_TOP_P, seed: int | None = None):
     """mlx-lm's sampler; seeds MLX's global PRNG first when a seed is given."""
     if temp < 0:
-        raise ValueError(f"temperature must be >= 0, got {temp}")
+        raise ConfigError(f"temperature must be >= 0, got {temp}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"top-p must be in (0, 1], got {top_p}")
     if seed is not None:
         mx.random.seed(seed)
     return make_sampler(temp, top_p)
@@ -62,7 +63,7 @@ def sampler_from(temp: float = DEFAULT_TEMP, top_p: float = DEFAULT_TOP_P, seed:
 def sampler_from_args(args: argparse.Namespace):
     """Check the sampling flags of `add_sampling_args`, then build the sampler."""
     if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     return sampler_from(args.temp, args.top_p, args.seed)
 
 
@@ -112,7 +113,7 @@ class PromptCache:
     def stream(self, tokenizer, tokens: list[int], max_tokens: int, sampler=None, logits_processors=None):
         """Yield mlx-lm `GenerationResponse`s for the reply to `tokens`."""
         if not tokens:
-            raise ValueError("the prompt is empty")
+            raise ConfigError("the prompt is empty")
         keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)  # feed >= 1 token
         if keep < len(self.tokens):
             if can_trim_prompt_cache(self.cache):

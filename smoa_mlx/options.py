@@ -17,14 +17,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import BUNDLED_DATA
+from .data import BUNDLED_DATA, BUNDLED_MODEL  # the default: a first run needs no download
 from .errors import ConfigError, MissingFileError
 from .patch import DEFAULT_TARGETS
 from .schedule import OPTIMIZERS, SCHEDULES, check_schedule, optimizer_class
 
-# The tiny pretrained Llama bundled with the package (helper "data" ships it; the
-# constant moves to data.py with it): the default model, so a first run needs no download.
-BUNDLED_MODEL = BUNDLED_DATA / "stories260K"
 REAL_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 METHODS = ("smoa", "hira", "lora")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConfigError
+
 # The reference computes scores in float32 and clamps the row energy at its eps.
 EPS = float(np.finfo(np.float32).eps)
 
@@ -41,14 +43,14 @@ def split_sizes(n: int, k: int) -> list[int]:
 def split_rank(rank: int, num_blocks: int, branch_ranks=None) -> list[int]:
     """Per-block ranks: `rank // K`, the first `rank % K` blocks one more, or `branch_ranks`."""
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise ConfigError(f"rank must be >= 1, got {rank}")
     if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        raise ConfigError(f"num_blocks must be >= 1, got {num_blocks}")
     if branch_ranks is None:
         return split_sizes(rank, num_blocks)
     ranks = [int(r) for r in branch_ranks]
     if len(ranks) != num_blocks or sum(ranks) != rank or min(ranks) < 0:
-        raise ValueError(
+        raise ConfigError(
             f"branch_ranks {ranks} must have num_blocks={num_blocks} non-negative "
             f"entries summing to rank={rank}"
         )
@@ -91,7 +93,7 @@ def spectral_scores(weight, use_mlx: bool | None = None) -> tuple[np.ndarray, np
     """
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 2 or 0 in w.shape:
-        raise ValueError(f"expected a non-empty 2-D weight, got shape {w.shape}")
+        raise ConfigError(f"expected a non-empty 2-D weight, got shape {w.shape}")
     tall = w.shape[0] >= w.shape[1]
     m = w if tall else w.T  # (n_big, q): Gram over the small side
     if _mlx_is_fast() if use_mlx is None else use_mlx:
@@ -111,9 +113,9 @@ def _min_gap(sorted_scores: np.ndarray, cuts) -> float:
 
 def check_blocks(shape, num_blocks: int) -> None:
     if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        raise ConfigError(f"num_blocks must be >= 1, got {num_blocks}")
     if num_blocks > min(shape):
-        raise ValueError(
+        raise ConfigError(
             f"num_blocks={num_blocks} exceeds the smaller dimension of a weight of shape "
             f"{tuple(shape)}"
         )

@@ -40,7 +40,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .adapters import CONFIG, load_adapter
 from .cli import run
-from .errors import AdapterError
+from .errors import AdapterError, ConfigError, MissingFileError
 from .generate import DEFAULT_TEMP, DEFAULT_TOP_P, PromptCache, add_model_args, load_model, prompt_tokens
 
 DEFAULT_MAX_TOKENS = 512  # chat, when a request sets no limit (mlx-lm's server default)
@@ -353,7 +353,7 @@ class Adapters:
         self.model, self.default_name = model, default_name
         self.root = Path(adapter_dir).resolve() if adapter_dir is not None else None
         if self.root is not None and not self.root.is_dir():
-            raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
+            raise MissingFileError(f"{adapter_dir}: adapter directory not found")
         self.base = dict(model.named_modules())
         self.variants: dict[str, Variant] = {}
         self.active: Variant | None = None
@@ -529,7 +529,7 @@ class Server(ThreadingHTTPServer):
         try:
             if tools or kwargs:
                 if not self.tokenizer.has_chat_template:
-                    raise ValueError("the model has no chat template")
+                    raise ConfigError("the model has no chat template")
                 return list(self.tokenizer.apply_chat_template(
                     req["messages"], tools=tools, add_generation_prompt=True, **kwargs))
             return prompt_tokens(self.tokenizer, req["messages"])
@@ -910,9 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
-        raise FileNotFoundError(f"{args.adapter_path}: adapter directory not found")
+        raise MissingFileError(f"{args.adapter_path}: adapter directory not found")
     if args.max_body_mb <= 0 or args.max_tokens < 1:
-        raise ValueError("--max-body-mb must be > 0 and --max-tokens >= 1")
+        raise ConfigError("--max-body-mb must be > 0 and --max-tokens >= 1")
     model, tokenizer = load_model(args.model)
     defaults = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
                 "min_p": args.min_p, "max_tokens": args.max_tokens}
@@ -926,7 +926,7 @@ def main(argv=None) -> int:
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     names = server.adapters.names()
     print(f"[serve] {args.model} at {server.url}/v1, models: {', '.join(names)} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
