@@ -11,6 +11,8 @@ import math
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from .lr_scale import scaled
+
 OPTIMIZERS = ("adamw", "adam")
 
 
@@ -37,13 +39,22 @@ def cosine_schedule(learning_rate: float, iters: int, warmup: int = 0):
     return schedule
 
 
-def build_optimizer(name: str, schedule, weight_decay: float = 0.0) -> optim.Optimizer:
+def build_optimizer(name: str, schedule, weight_decay: float = 0.0,
+                    step_scales=None) -> optim.Optimizer:
     """AdamW (or Adam) with bias correction, as in PyTorch, so learning rates from
-    PyTorch/PEFT recipes (the SMoA authors' 1e-3) mean the same thing here."""
-    if name == "adamw":
-        return optim.AdamW(learning_rate=schedule, weight_decay=weight_decay, bias_correction=True)
-    if name == "adam":
-        if weight_decay:
-            raise ValueError("--weight-decay needs --optimizer adamw")
-        return optim.Adam(learning_rate=schedule, bias_correction=True)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    PyTorch/PEFT recipes (the SMoA authors' 1e-3) mean the same thing here.
+
+    `step_scales` (a tree like the trainable parameters, `lr_scale.step_scales`)
+    multiplies each parameter's step."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adam" and weight_decay:
+        raise ValueError("--weight-decay needs --optimizer adamw")
+    cls = {"adamw": optim.AdamW, "adam": optim.Adam}[name]
+    if step_scales is not None:
+        cls = scaled(cls)
+    extra = {"weight_decay": weight_decay} if name == "adamw" else {}
+    optimizer = cls(learning_rate=schedule, bias_correction=True, **extra)
+    if step_scales is not None:
+        optimizer.step_scales = step_scales
+    return optimizer

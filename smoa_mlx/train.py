@@ -35,6 +35,7 @@ from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
+from .lr_scale import MODES, step_scales
 from .patch import (
     DEFAULT_TARGETS, apply_smoa, layer_relative, smoa_layers, summarize, target_paths,
 )
@@ -51,7 +52,7 @@ DEFAULTS = {
     "model": DEFAULT_MODEL, "data": str(BUNDLED_DATA), "train": True, "test": False,
     "test_batches": -1, "method": "smoa", "rank": 8, "num_blocks": None, "alpha": 8.0,
     "dropout": 0.0, "targets": list(DEFAULT_TARGETS), "num_layers": -1, "dtype": "float32",
-    "upcast_base": False, "optimizer": "adamw", "learning_rate": None, "weight_decay": 0.0,
+    "upcast_base": False, "optimizer": "adamw", "learning_rate": None, "lr_scale": "anchor", "weight_decay": 0.0,
     "warmup": None, "iters": 200, "batch_size": 4, "grad_accumulation_steps": 1,
     "grad_checkpoint": False, "max_seq_length": 2048, "mask_prompt": None, "val_batches": 25,
     "steps_per_report": 10, "steps_per_eval": 200, "save_every": 100,
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
       "smoa/hira, 2e-4 for lora. SMoA's update is the low-rank product scaled entrywise by "
       "the small frozen weights, so it needs ~5x LoRA's rate (the SMoA authors use 1e-3; on "
       "stories260K the best rates measured were 1e-2 for SMoA, 2e-3 for LoRA).")
+    a("--lr-scale", choices=MODES, help="smoa/hira: multiply the step of each B_k by "
+      "1/rms(M_k), so the rate means what it means for LoRA on any model (default anchor; "
+      "none: plain AdamW, which wants ~1/rms(W0) times the rate). The saved adapter is the same "
+      "either way (smoa_mlx/lr_scale.py).")
     a("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0).")
     a("--warmup", type=int, help="Linear warmup updates before the cosine decay "
       "(default iters // 10).")
@@ -562,7 +567,8 @@ def _train(args, resume, dist: Distributed) -> dict:
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     schedule = cosine_schedule(args.learning_rate, args.iters, args.warmup)
-    optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay)
+    scales = step_scales(model, args.lr_scale) if args.method != "lora" and args.lr_scale != "none" else None
+    optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay, scales)
     progress = {"step": 0, "micro_step": 0, "window": _empty_window(), "trained_tokens": 0.0}
     if resume is not None and resume.meta is not None:
         checkpoint.restore_optimizer(optimizer, model, resume.optimizer, resume.source)
