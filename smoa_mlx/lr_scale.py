@@ -19,10 +19,24 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map, tree_map_with_path
 
+from .errors import ConfigError
 from .layer import base_weight
 from .patch import smoa_layers
 
 MODES = ("anchor", "row", "none")
+# The default rate with the anchor scale: the best rate measured on stories260K (hidden
+# 64, 200 steps; docs/RESULTS.md), carried to other widths as 1/hidden (Adam's rate for
+# a hidden matrix in muP), which gives ~1e-3, the SMoA authors' rate, at hidden 2048.
+REFERENCE_RATE, REFERENCE_WIDTH = 3e-2, 64
+
+
+def default_rate(model) -> float:
+    """SMoA's and HiRA's default learning rate for this mlx-lm model (its hidden size)."""
+    hidden = getattr(getattr(model, "args", None), "hidden_size", None)
+    if not isinstance(hidden, int) or hidden < 1:
+        raise ConfigError(f"{type(model).__module__}: the model config has no hidden_size to "
+                          "set the default learning rate from; pass --learning-rate")
+    return REFERENCE_RATE * REFERENCE_WIDTH / hidden
 
 
 def anchor_rms(layer, per_row: bool = False) -> list:

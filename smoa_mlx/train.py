@@ -35,7 +35,7 @@ from .adapters import smoa_config
 from .cli import run
 from .data import BUNDLED_DATA, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
-from .lr_scale import MODES, step_scales
+from .lr_scale import MODES, default_rate, step_scales
 from .patch import (
     DEFAULT_TARGETS, apply_smoa, layer_relative, smoa_layers, summarize, target_paths,
 )
@@ -44,15 +44,16 @@ from .schedule import OPTIMIZERS, build_optimizer, cosine_schedule
 
 DEFAULT_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 METHODS = ("smoa", "hira", "lora")
-# SPEC §1 "Learning rate": SMoA's update is B A scaled entrywise by the small frozen
-# weights, so it wants ~5x LoRA's rate (the authors train SMoA at 1e-3).
-DEFAULT_LR = {"smoa": 1e-3, "hira": 1e-3, "lora": 2e-4}
+# LoRA's default rate; SMoA's and HiRA's (None) depend on the model's width:
+# lr_scale.default_rate, set once the model is loaded.
+DEFAULT_LR = {"smoa": None, "hira": None, "lora": 2e-4}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEFAULTS = {
     "model": DEFAULT_MODEL, "data": str(BUNDLED_DATA), "train": True, "test": False,
     "test_batches": -1, "method": "smoa", "rank": 8, "num_blocks": None, "alpha": 8.0,
     "dropout": 0.0, "targets": list(DEFAULT_TARGETS), "num_layers": -1, "dtype": "float32",
-    "upcast_base": False, "optimizer": "adamw", "learning_rate": None, "lr_scale": "anchor", "weight_decay": 0.0,
+    "upcast_base": False, "optimizer": "adamw", "learning_rate": None, "lr_scale": "anchor",
+    "weight_decay": 0.0,
     "warmup": None, "iters": 200, "batch_size": 4, "grad_accumulation_steps": 1,
     "grad_checkpoint": False, "max_seq_length": 2048, "mask_prompt": None, "val_batches": 25,
     "steps_per_report": 10, "steps_per_eval": 200, "save_every": 100,
@@ -96,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--upcast-base", help="Cast the base model's floating-point weights to float32 "
          "(on a CPU, bf16 matmul is ~25x slower than f32).")
     a("--optimizer", choices=OPTIMIZERS, help="adamw (default) or adam, with bias correction.")
-    a("--learning-rate", type=float, help="Peak learning rate. Default per method: 1e-3 for "
-      "smoa/hira, 2e-4 for lora. SMoA's update is the low-rank product scaled entrywise by "
-      "the small frozen weights, so it needs ~5x LoRA's rate (the SMoA authors use 1e-3; on "
-      "stories260K the best rates measured were 1e-2 for SMoA, 2e-3 for LoRA).")
+    a("--learning-rate", type=float, help="Peak learning rate. Default: 2e-4 for lora; for "
+      "smoa/hira 3e-2 * 64 / hidden_size (3e-2, the best rate measured on stories260K, ~1e-3 "
+      "at hidden 2048). With --lr-scale anchor SMoA's rate means what LoRA's does "
+      "(docs/RESULTS.md).")
     a("--lr-scale", choices=MODES, help="smoa/hira: multiply the step of each B_k by "
       "1/rms(M_k), so the rate means what it means for LoRA on any model (default anchor; "
       "none: plain AdamW, which wants ~1/rms(W0) times the rate). The saved adapter is the same "
@@ -208,7 +209,7 @@ def _validate(args: SimpleNamespace) -> None:
         raise ValueError(
             f"--method hira has one block; got --num-blocks {args.num_blocks} (use --method smoa)"
         )
-    if not args.learning_rate > 0 or not args.alpha > 0:
+    if (args.learning_rate is not None and not args.learning_rate > 0) or not args.alpha > 0:
         raise ValueError("--learning-rate and --alpha must be positive")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
@@ -551,6 +552,8 @@ def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
 def _train(args, resume, dist: Distributed) -> dict:
     mx.reset_peak_memory()
     model, tokenizer = load_model(args.model)
+    if args.learning_rate is None:
+        args.learning_rate = default_rate(model)
     if not args.train:
         return _test_only(model, tokenizer, args, dist)
     splits = ("train", "valid") + (("test",) if args.test else ())

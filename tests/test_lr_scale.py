@@ -144,3 +144,32 @@ def test_lora_is_not_scaled(tiny_model_dir, text_data, tmp_path):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+def test_row_mode_scales_each_row_of_b_k_by_its_anchor_row(tiny_model_dir):
+    model = _patched(tiny_model_dir, 2)
+    scales = dict(tree_flatten(step_scales(model, "row")))
+    for path, layer in smoa_layers(model).items():
+        for k, m in enumerate(_anchors_through_the_layer(layer)):
+            got = np.array(scales[f"{path}.smoa_b.{k}"])
+            assert got.shape == (m.shape[0], 1)
+            np.testing.assert_allclose(got[:, 0], 1 / np.sqrt(np.mean(m ** 2, axis=1)), rtol=1e-5)
+
+
+def test_the_default_rate_follows_the_width(tiny_model_dir, text_data, tmp_path):
+    from types import SimpleNamespace
+
+    from smoa_mlx.errors import ConfigError
+    from smoa_mlx.lr_scale import default_rate
+
+    assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=64))) == 3e-2
+    assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=2048))) == pytest.approx(9.375e-4)
+    with pytest.raises(ConfigError, match="pass --learning-rate"):
+        default_rate(SimpleNamespace())
+    # The tiny model is 64 wide: smoa trains at 3e-2 unless told otherwise; lora keeps 2e-4.
+    for method, lr in (("smoa", 3e-2), ("lora", 2e-4)):
+        out = tmp_path / method
+        args = {"model": str(tiny_model_dir), "data": str(text_data), "adapter_path": str(out),
+                "iters": 1, "batch_size": 4, "warmup": 0, "method": method}
+        train(args)
+        assert json.loads((out / "adapter_config.json").read_text())["learning_rate"] == lr

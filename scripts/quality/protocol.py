@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from smoa_mlx.lr_scale import REFERENCE_RATE
 from smoa_mlx.train import DEFAULT_LR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,14 +24,23 @@ METHODS = {
     "HiRA r=8": {"method": "hira", "rank": 8, "num_blocks": 1},
     "SMoA r=8 K=2, plain Adam": {"method": "smoa", "rank": 8, "num_blocks": 2, "lr_scale": "none"},
 }
-# The rate a user gets without --learning-rate. The plain-Adam row keeps the old default.
-DEFAULT_RATE = {label: DEFAULT_LR[opts["method"]] for label, opts in METHODS.items()}
+# The rate a user gets without --learning-rate (stories260K: SMoA's width rule gives its
+# reference rate); the plain-Adam row keeps the trainer's old default.
+DEFAULT_RATE = {label: DEFAULT_LR[opts["method"]] or REFERENCE_RATE for label, opts in METHODS.items()}
 DEFAULT_RATE["SMoA r=8 K=2, plain Adam"] = 1e-3
-# Learning rates are searched on this ladder (~x3 apart): first the default and its two
-# neighbours, then, while the best rate is at an end of the grid, the next rate beyond it
-# (at most MAX_EXTEND times). The same rule for every method.
+# Per method, three rates ~x3 apart centred by a 200-step probe on wikisql; while the best
+# rate is at an end of the rates tried, the next LADDER rung beyond it is added (at most
+# MAX_EXTEND times). The same rule for every method. The default rate is run too.
+GRID = {
+    "LoRA r=8": (1e-2, 3e-2, 1e-1),
+    "LoRA r=4": (1e-2, 3e-2, 1e-1),
+    "SMoA r=8 K=2": (1e-2, 3e-2, 1e-1),
+    "SMoA r=16 K=4": (1e-2, 3e-2, 1e-1),
+    "HiRA r=8": (1e-2, 3e-2, 1e-1),
+    "SMoA r=8 K=2, plain Adam": (3e-2, 1e-1, 3e-1),
+}
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
-MAX_EXTEND = 3
+MAX_EXTEND = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ALPHA, BATCH, MAX_SEQ, EVAL_EVERY = 8.0, 8, 256, 10
 VALID_SIZE, TRAIN_SIZE = 32, 800
@@ -43,12 +53,6 @@ TOLERANCE = 0.01  # quick vs recorded losses: bitwise equal on one machine, clos
 
 def nearest_rung(lr: float) -> int:
     return min(range(len(LADDER)), key=lambda i: abs(LADDER[i] / lr - 1))
-
-
-def first_grid(label: str) -> list[float]:
-    """The default rate and its neighbours on the ladder."""
-    i = nearest_rung(DEFAULT_RATE[label])
-    return [DEFAULT_RATE[label]] + [LADDER[j] for j in (i - 1, i + 1) if 0 <= j < len(LADDER)]
 
 
 def extension(grid: list[float], best: float) -> float | None:

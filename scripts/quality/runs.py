@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .datasets import Dataset
 from .protocol import (
-    ALPHA, BATCH, DEFAULT_RATE, EVAL_EVERY, MAX_EXTEND, MAX_SEQ, METHODS, TARGETS, extension,
-    first_grid, fmt_lr,
+    ALPHA, BATCH, DEFAULT_RATE, EVAL_EVERY, GRID, MAX_EXTEND, MAX_SEQ, METHODS, TARGETS,
+    extension, fmt_lr,
 )
 
 
@@ -140,7 +140,7 @@ def method_runs(model_path, ds, label, iters, seeds, quick, work) -> tuple[list[
         return run
 
     default = DEFAULT_RATE[label]
-    grid = [default] if quick else first_grid(label)
+    grid = [default] if quick else list(GRID[label])
     sweep = [go(lr, seeds[0], measured=lr == default) for lr in grid]
     for _ in range(0 if quick else MAX_EXTEND):
         lr = extension(grid, min(sweep, key=lambda r: r["val_loss"])["lr"])
@@ -152,7 +152,11 @@ def method_runs(model_path, ds, label, iters, seeds, quick, work) -> tuple[list[
     if "test_loss" not in best and not best["diverged"]:
         measure(model_path, ds, best)
         print("  best rate; measured: " + summary_line(best), flush=True)
-    for lr in sorted({best["lr"], default}):
+    if default not in grid:
+        go(default, seeds[0], measured=True)
+    # More seeds at the default rate only where it competes (inside the rates tried).
+    contender = min(grid) <= default <= max(grid)
+    for lr in sorted({best["lr"], default} if contender else {best["lr"]}):
         for seed in seeds[1:]:
             go(lr, seed, measured=True)
     return runs, best["lr"]
