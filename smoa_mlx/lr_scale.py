@@ -10,7 +10,8 @@ training `B'_k = rms(M_k) B_k` against the unit-rms anchor `M_k / rms(M_k)`, exc
 that the parameters, the saved adapter and `ΔW = scale * (B_k A_k) ⊙ M_k` stay
 exactly SPEC §2's: only the optimizer's steps change (docs/RESULTS.md has the
 measurements). A's steps are not scaled: A meets the anchor only through B, whose
-size the scale already sets.
+size the scale already sets. `--lr-scale row` scales each row of B_k by its own row of
+M_k instead (measured: the same best loss), `none` is plain Adam.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def anchor_rms(layer, per_row: bool = False) -> list:
 
 def step_scales(model, mode: str = "anchor") -> dict:
     """The step multiplier of every trainable parameter, as a tree shaped like
-    `model.trainable_parameters()`: `1 / rms(M_k)` for each `smoa_b.<k>`, 1 elsewhere
-    (A, and every LoRA parameter)."""
+    `model.trainable_parameters()`: `1 / rms(M_k)` for each `smoa_b.<k>` (mode "row":
+    an (out_k, 1) array, 1 / rms of each row of M_k), 1 elsewhere (A, every LoRA parameter)."""
+    def inverse(rms):  # an all-zero anchor (row) keeps ΔW there at 0 whatever B does: 1
+        return np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 1.0)
+
     scales = {}
     for path, layer in smoa_layers(model).items():
         for k, rms in enumerate(anchor_rms(layer, per_row=mode == "row")):
-            if np.min(rms) == 0:
-                raise ValueError(f"{path}: anchor block {k} of the base weight has a zero row")
-            scales[f"{path}.smoa_b.{k}"] = 1.0 / rms if mode == "anchor" else mx.array(1.0 / rms, dtype=mx.float32)
+            c = inverse(rms)
+            scales[f"{path}.smoa_b.{k}"] = float(c) if mode == "anchor" else mx.array(c, dtype=mx.float32)
     return tree_map_with_path(lambda path, _: scales.get(path, 1.0), model.trainable_parameters())
 
 
