@@ -248,6 +248,7 @@ def resolve_args(args) -> tuple[SimpleNamespace, checkpoint.Checkpoint | None]:
                     f"resuming needs the same value, got {merged[key]!r}"
                 )
         inherited = {k: v for k, v in saved.items() if k in DEFAULTS and k not in PER_INVOCATION}
+        inherited.setdefault("lr_scale", "none")  # a run checkpointed before the step scale
         merged = {**inherited, **merged}
     a = SimpleNamespace(**{**DEFAULTS, **merged})
     if a.mask_prompt is None:  # on for the bundled chat data; off otherwise, as in mlx-lm
@@ -552,10 +553,10 @@ def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
 def _train(args, resume, dist: Distributed) -> dict:
     mx.reset_peak_memory()
     model, tokenizer = load_model(args.model)
-    if args.learning_rate is None:
-        args.learning_rate = default_rate(model)
     if not args.train:
         return _test_only(model, tokenizer, args, dist)
+    if args.learning_rate is None:
+        args.learning_rate = default_rate(model)
     splits = ("train", "valid") + (("test",) if args.test else ())
     data = load_data(args.data, tokenizer, mask_prompt=args.mask_prompt, splits=splits)
     batchers = _batchers(data, args, dist, args.seed)
@@ -570,7 +571,8 @@ def _train(args, resume, dist: Distributed) -> dict:
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     schedule = cosine_schedule(args.learning_rate, args.iters, args.warmup)
-    scales = step_scales(model, args.lr_scale) if args.method != "lora" and args.lr_scale != "none" else None
+    scaled = args.method != "lora" and args.lr_scale != "none"
+    scales = step_scales(model, args.lr_scale) if scaled else None
     optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay, scales)
     progress = {"step": 0, "micro_step": 0, "window": _empty_window(), "trained_tokens": 0.0}
     if resume is not None and resume.meta is not None:
