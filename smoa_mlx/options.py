@@ -20,14 +20,15 @@ from pathlib import Path
 from .data import BUNDLED_DATA, BUNDLED_MODEL  # the default: a first run needs no download
 from .errors import ConfigError, MissingFileError
 from .patch import DEFAULT_TARGETS
+from .lr_scale import MODES
 from .schedule import OPTIMIZERS, SCHEDULES, check_schedule, optimizer_class
 
 REAL_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 METHODS = ("smoa", "hira", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
-# SPEC §1 "Learning rate": SMoA's update is B A scaled entrywise by the small frozen
-# weights, so it wants ~5x LoRA's rate (the authors train SMoA at 1e-3).
-DEFAULT_LR = {"smoa": 1e-3, "hira": 1e-3, "lora": 2e-4}
+# LoRA's default rate; SMoA's and HiRA's (None) follow the model's width
+# (lr_scale.default_rate, set once the model is loaded; docs/RESULTS.md).
+DEFAULT_LR = {"smoa": None, "hira": None, "lora": 2e-4}
 DEFAULT_BLOCKS = {"smoa": 2, "hira": 1, "lora": None}
 
 # Range checks, by name: (test, what the message says).
@@ -119,13 +120,15 @@ class TrainOptions:
     optimizer_config: dict = opt({}, "Keyword arguments per optimizer, as mlx-lm's "
                                  "optimizer_config ({adamw: {betas: [0.9, 0.98]}, ...}).",
                                  kind="mapping", cli=False)
-    learning_rate: float = opt(None, "Peak learning rate. SMoA's update is the low-rank "
-                               "product scaled entrywise by the small frozen weights, so it "
-                               "needs ~5x LoRA's rate (the SMoA authors use 1e-3; on "
-                               "stories260K the best rates measured were 1e-2 for SMoA, 2e-3 "
-                               "for LoRA).", type=float, check="positive",
-                               shown="per method: " + ", ".join(
-                                   f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()))
+    learning_rate: float = opt(None, "Peak learning rate. With --lr-scale anchor SMoA's rate "
+                               "means what LoRA's does (docs/RESULTS.md).", type=float,
+                               check="positive", shown="lora 2e-4; smoa/hira 3e-2 * 64 / "
+                               "hidden_size (3e-2, the best measured on stories260K; ~1e-3 at "
+                               "hidden 2048)")
+    lr_scale: str = opt("anchor", "smoa/hira: multiply the step of each B_k by 1/rms(M_k), so "
+                        "the rate means what it means for LoRA on any model; row: by each "
+                        "row's rms; none: plain optimizer steps, which want ~1/rms(W0) times "
+                        "the rate. The saved adapter is the same either way.", choices=MODES)
     lr_schedule: object = opt("cosine", "Learning-rate shape after --warmup: cosine (to 0), "
                               "linear (to 0) or constant. YAML: also mlx-lm's mapping {name, "
                               "warmup, warmup_init, arguments}.", choices=SCHEDULES)
@@ -428,6 +431,7 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
                     f"resuming needs the same value, got {merged[key]!r}"
                 )
         inherited = {k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION}
+        inherited.setdefault("lr_scale", "none")  # a run checkpointed before the step scale
         merged = {**inherited, **merged}
     o = TrainOptions(**merged)
     if o.mask_prompt is None:
@@ -442,6 +446,6 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
         o.warmup = 0 if isinstance(o.lr_schedule, dict) else o.iters // 10
     o.data, o.adapter_path, o.model = str(o.data), str(o.adapter_path), str(o.model)
     _check(o)
-    if not math.isfinite(o.learning_rate):
+    if o.learning_rate is not None and not math.isfinite(o.learning_rate):
         raise ConfigError(f"--learning-rate must be finite, got {o.learning_rate}")
     return o, resume

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from .errors import ConfigError
+from .lr_scale import scaled
 
 # mlx-lm's optimizers (mlx_lm.lora), by the names its configs use.
 _CLASSES = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD,
@@ -113,14 +114,18 @@ def optimizer_class(name: str):
 
 
 def build_optimizer(name: str, schedule, weight_decay: float = 0.0,
-                    config: dict | None = None) -> optim.Optimizer:
+                    config: dict | None = None, step_scales=None) -> optim.Optimizer:
     """mlx's optimizer `name` with `config` (mlx-lm's optimizer_config entry for it).
 
     Adam and AdamW get bias correction, as in PyTorch, so learning rates from
     PyTorch/PEFT recipes (the SMoA authors' 1e-3) mean the same thing here; the weight
     decay is 0 unless asked for (mlx's AdamW and Muon would use 0.01).
+    `step_scales` (a tree like the trainable parameters, `lr_scale.step_scales`)
+    multiplies each parameter's step.
     """
     cls = optimizer_class(name)
+    if step_scales is not None:
+        cls = scaled(cls)
     accepted = inspect.signature(cls).parameters
     kwargs = dict(config or {})
     if "bias_correction" in accepted:
@@ -129,4 +134,7 @@ def build_optimizer(name: str, schedule, weight_decay: float = 0.0,
         kwargs.setdefault("weight_decay", weight_decay)
     elif weight_decay:
         raise ConfigError(f"--weight-decay needs an optimizer with weight decay, not {name}")
-    return cls(learning_rate=schedule, **kwargs)
+    optimizer = cls(learning_rate=schedule, **kwargs)
+    if step_scales is not None:
+        optimizer.step_scales = step_scales
+    return optimizer

@@ -25,6 +25,7 @@ from .data import Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
 from .errors import ConfigError
 from .loader import load_base, load_model
+from .lr_scale import default_rate, step_scales
 from .options import (
     BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, PER_INVOCATION, REAL_MODEL,
     STRUCTURAL, build_parser, load_config, resolve,
@@ -80,6 +81,8 @@ def _train(args, resume, dist: Distributed) -> dict:
     model, tokenizer, _, _ = load_base(args.model, trust_remote_code=args.trust_remote_code)
     if not args.train:
         return _test_only(model, tokenizer, args, dist)
+    if args.learning_rate is None:  # smoa/hira: follows the width (lr_scale.default_rate)
+        args.learning_rate = default_rate(model)
     splits = ("train", "valid") + (("test",) if args.test else ())
     data = _load_data(args, tokenizer, splits)
     batchers = _batchers(data, args, dist, args.seed)
@@ -94,8 +97,9 @@ def _train(args, resume, dist: Distributed) -> dict:
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     schedule = build_schedule(args.lr_schedule, args.learning_rate, args.iters, args.warmup)
+    scales = None if args.method == "lora" or args.lr_scale == "none" else step_scales(model, args.lr_scale)
     optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay,
-                                args.optimizer_config.get(args.optimizer))
+                                args.optimizer_config.get(args.optimizer), scales)
     state = checkpoint.TrainingState()
     if resume is not None and resume.state is not None:
         checkpoint.restore_optimizer(optimizer, model, resume.optimizer, resume.source)
