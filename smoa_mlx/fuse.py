@@ -15,11 +15,11 @@ import shutil
 
 from mlx.utils import tree_unflatten
 
+from .archs import check_hf_fuse, rewrite_hf_shards
 from .cli import run
 from .errors import AdapterError
 from .files import read_config, staged_dir, write_json
 from .layer import adapter_layers
-from .layouts.names import check_model_type
 from .loader import load_base
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
@@ -39,7 +39,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
 
     mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
     if hf:
-        check_model_type(config.get("model_type"))
+        check_hf_fuse(config.get("model_type"))
     dequantize = dequantize or hf
     count = fuse_layers(mlx_model, dequantize)
     if count == 0:
@@ -49,6 +49,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     with staged_dir(save_path) as tmp:
         save_model(tmp, mlx_model)
         if hf:
+            rewrite_hf_shards(tmp, config["model_type"])
             # The base's own config (not mlx-lm's view of it), minus MLX quantization.
             hf_config = read_config(model_dir / "config.json")
             for key in QUANTIZATION_KEYS:
