@@ -206,7 +206,7 @@ def hf_model_dir(model_type, root):
     return path
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral"])
 def test_fuse_hf_loads_in_transformers_with_the_adapted_logits(model_type, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
