@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .archs import ADAPTABLE
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ConfigError, MissingFileError
 from .files import load_safetensors, read_config, save_safetensors, write_json
 from .layer import base_weight
 from .layouts.fields import Fields
@@ -181,9 +181,9 @@ def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
     adapter_path = Path(adapter_path)
     config = read_adapter_config(adapter_path)
     file = adapter_path / weights_file
-    weights = load_safetensors(file)
     if config.get("fine_tune_type", "lora") != "smoa":
         return _load_mlx_lm(model, adapter_path, config)
+    weights = load_safetensors(file)
     paths, p = config["modules"], config["smoa_parameters"]
     params = {k: p.get(k) for k in ("rank", "num_blocks", "alpha", "dropout", "branch_ranks")}
     params["dropout"] = params["dropout"] or 0.0
@@ -203,12 +203,19 @@ def load_adapter(model: nn.Module, adapter_path, weights_file=WEIGHTS) -> dict:
 
 
 def _load_mlx_lm(model: nn.Module, adapter_path: Path, config: dict) -> dict:
-    """mlx-lm's loader; its multi-line report of incompatible tensors is cut to the first one."""
+    """mlx-lm's loader, its errors made one line: the report of incompatible tensors is cut
+    to the first, MLX's complaint about an unreadable file names the file."""
     from mlx_lm.tuner.utils import load_adapters
 
+    file = adapter_path / WEIGHTS
+    if not file.is_file():
+        raise MissingFileError(f"{file}: file not found")
     try:
         load_adapters(model, str(adapter_path))
+    except RuntimeError as e:  # MLX's safetensors parser
+        raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
     except (ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e.args[0] if e.args else e).splitlines() if line.strip()]
+        lines = lines or [type(e).__name__]
         raise AdapterError(f"{adapter_path}: {lines[1] if len(lines) > 1 else lines[0]}") from None
     return config

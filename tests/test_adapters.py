@@ -331,3 +331,11 @@ def test_mlx_lm_adapter_with_foreign_tensors_is_one_line(tiny_model_dir, tmp_pat
     err = error_line(capsys)
     assert e.value.code == 1
     assert "lora_c: not an adapter parameter in the model" in err and str(out) in err
+    (out / "adapters.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(SystemExit):
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(out), "--save-path", str(tmp_path / "f")])
+    assert "adapters.safetensors: not a readable safetensors file" in error_line(capsys)
+    (out / "adapters.safetensors").unlink()
+    with pytest.raises(SystemExit):
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(out), "--save-path", str(tmp_path / "f")])
+    assert "adapters.safetensors: file not found" in error_line(capsys)

@@ -2,6 +2,9 @@
 exported adapter applied to a transformers model (unmerged and merged) against MLX."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,3 +82,12 @@ def test_refuses_another_peft_type(tiny_model_dir, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="peft_type is 'LORA', expected 'SMOA'"):
         apply_adapter(hf_model(str(tiny_model_dir)), tmp_path)
+
+
+def test_torch_and_layouts_never_import_convert():
+    """layouts/ sits below convert/ (MLX) and torch/ (PyTorch); neither imports the other."""
+    code = ("import sys, smoa_mlx.layouts.smoa, smoa_mlx.layouts.peft_io, smoa_mlx.torch; "
+            "print(sorted(m for m in sys.modules if m.startswith('smoa_mlx.convert')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[]"
