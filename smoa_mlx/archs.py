@@ -15,10 +15,15 @@ fused gate|up of `gate_up_proj` is taken whole for the same reason.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .errors import ModelError
+from .files import read_json, save_safetensors, write_json
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -77,3 +82,43 @@ def layer_index(path: str, layers: dict[str, int]) -> int | None:
         if i is not None:
             return i
     return None
+
+
+# `fuse --hf` model types: their merged weights load in transformers under mlx-lm's names,
+# once MoE experts are un-stacked (tests/test_archs.py compares the logits for each).
+HF_FUSE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
+           "qwen2_moe", "qwen3_moe", "mixtral")
+_STACKED = re.compile(r"^(.*)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+_MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def check_hf_fuse(model_type: str | None) -> None:
+    if model_type not in HF_FUSE:
+        raise ModelError(f"model type {model_type!r}: fuse --hf writes only {', '.join(HF_FUSE)} "
+                         "checkpoints (names checked against transformers)")
+
+
+def hf_tensors(model_type: str, weights: dict) -> dict:
+    """mlx-lm's merged weights under checkpoint names: stacked experts (E, d_out, d_in) become
+    one tensor per expert, as hub checkpoints store them and transformers 5 fuses on loading."""
+    out = {}
+    for key, value in weights.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        name = _MIXTRAL_EXPERTS[m[2]] if model_type == "mixtral" else m[2]
+        out.update({f"{m[1]}.experts.{e}.{name}.{m[3]}": value[e] for e in range(value.shape[0])})
+    return out
+
+
+def rewrite_hf_shards(directory: Path, model_type: str) -> None:
+    """Rename/un-stack the tensors of every shard mlx-lm's `save_model` wrote in `directory`."""
+    index_file = directory / "model.safetensors.index.json"
+    index = read_json(index_file)
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = hf_tensors(model_type, mx.load(str(directory / shard)))
+        save_safetensors(directory / shard, tensors, {"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+    write_json(index_file, {**index, "weight_map": dict(sorted(weight_map.items()))})

@@ -16,16 +16,16 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .archs import check_hf_fuse, rewrite_hf_shards
 from .card import write_fused_card
 from .cli import run
 from .errors import AdapterError
 from .files import read_config, staged_dir, write_json
-from .layer import adapter_layers
-from .layouts.names import check_model_type
-from .loader import load_base
 from .fuse_check import FuseCheck, describe
 from .gguf import write_gguf
 from .hub import add_upload_args, upload_folder
+from .layer import adapter_layers
+from .loader import load_base
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
@@ -46,7 +46,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
 
     mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
     if hf:
-        check_model_type(config.get("model_type"))
+        check_hf_fuse(config.get("model_type"))
     dequantize = dequantize or hf
     quantized = any(k in config for k in QUANTIZATION_KEYS)
     check = FuseCheck(mlx_model, tokenizer)
@@ -60,6 +60,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     with staged_dir(save_path) as tmp:
         save_model(tmp, mlx_model)
         if hf:
+            rewrite_hf_shards(tmp, config["model_type"])
             # The base's own config (not mlx-lm's view of it), minus MLX quantization.
             hf_config = read_config(model_dir / "config.json")
             for key in QUANTIZATION_KEYS:

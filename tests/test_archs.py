@@ -175,3 +175,64 @@ def test_unknown_layout_is_an_error():
 
     with pytest.raises(ModelError, match="no `layers`"):
         target_paths(Flat(), ["proj"])
+
+
+HF_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=320, head_dim=8, max_position_embeddings=128,
+                moe_intermediate_size=24, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+                shared_expert_intermediate_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def hf_model_dir(model_type, root):
+    """A tiny random transformers model saved as a hub checkpoint, with a tokenizer."""
+    import json
+
+    import torch
+    import transformers
+
+    from smoa_mlx.synthetic import make_tokenizer
+
+    config = transformers.AutoConfig.for_model(
+        model_type, tie_word_embeddings=model_type.startswith("gemma"), **HF_SMALL)
+    torch.manual_seed(0)
+    path = root / model_type
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())  # fields hub configs (and mlx-lm) have
+    saved.setdefault("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        saved.setdefault("num_experts", saved["num_local_experts"])
+    (path / "config.json").write_text(json.dumps(saved))
+    make_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral"])
+def test_fuse_hf_loads_in_transformers_with_the_adapted_logits(model_type, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from smoa_mlx.fuse import fuse
+    from smoa_mlx.loader import load_base
+
+    base_dir = hf_model_dir(model_type, tmp_path)
+    model = load_base(str(base_dir))[0]
+    apply_smoa(model, rank=4, num_blocks=2, progress=False)
+    randomize_b(model)
+    save_adapter(model, tmp_path / "adapter")
+    tokens = TOKENS % 320
+    adapted = np.array(model(tokens))
+    fuse(str(base_dir), tmp_path / "adapter", tmp_path / "fused", hf=True, log=lambda *_: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor(np.array(tokens))).logits.numpy()
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        base = base_hf(torch.tensor(np.array(tokens))).logits.numpy()
+    assert np.abs(adapted - base).max() > 1e-3  # the adapter moves the logits
+    np.testing.assert_allclose(logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_hf_refuses_an_unchecked_architecture(tmp_path):
+    from smoa_mlx.archs import check_hf_fuse
+
+    with pytest.raises(ModelError, match="model type 'gpt2': fuse --hf writes only"):
+        check_hf_fuse("gpt2")
