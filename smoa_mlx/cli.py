@@ -6,11 +6,6 @@ import sys
 
 from .errors import ConfigError, SMoAError
 
-# TRANSITIONAL (issue 17): modules not yet converted to the typed errors still raise
-# these for bad input. Remove once every module raises SMoAError; then anything else
-# is a bug and keeps its traceback.
-_UNCONVERTED = (ValueError, FileNotFoundError)
-
 
 class UsageError(ConfigError):
     """Flags that do not go together (kept for the commands that raise it)."""
@@ -24,7 +19,7 @@ def run(main, argv=None) -> None:
     warn_if_reference()
     try:
         code = main(argv)
-    except (SMoAError, *_UNCONVERTED) as e:
+    except SMoAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)

@@ -168,6 +168,11 @@ class TrainOptions:
     resume_adapter_file: str = opt(None, "Start from this adapters.safetensors; continues "
                                    "exactly when its training state is beside it, else reuses "
                                    "only the weights.", per_invocation=True, local=True)
+    upload_repo: str = opt(None, "Upload the adapter (config, weights, model card) to this "
+                           "Hugging Face repo at the end, created if missing (user/name).",
+                           per_invocation=True, local=True)
+    upload_private: bool = opt(False, "Create the --upload-repo repo as private.", kind="flag",
+                               per_invocation=True, local=True)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.", type=int)
     trust_remote_code: bool = opt(False, "Let the tokenizer run code from the model "
                                   "repository (as mlx-lm's flag).", kind="flag")

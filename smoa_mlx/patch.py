@@ -110,7 +110,7 @@ def apply_smoa(
     Returns a summary: trainable and total parameter counts and per-module details.
     """
     if any(isinstance(m, SMOA_TYPES) for _, m in model.named_modules()):
-        raise ValueError("model already has SMoA layers; load a fresh base model")
+        raise ConfigError("model already has SMoA layers; load a fresh base model")
     paths = target_paths(model, keys, num_layers)
     modules = dict(model.named_modules())
     model.freeze()

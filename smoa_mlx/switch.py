@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from .errors import AdapterError, ConfigError
 from .layer import _tied, base_weight
 from .plan import split_rank, split_sizes
 from .plan_cache import cached_plan
@@ -112,9 +113,9 @@ class SMoASwitchLinear(nn.Module):
         row_order, col_order = (np.asarray(o, dtype=np.int64) for o in orders)
         for order, n, name in ((row_order, d_out, "row_order"), (col_order, d_in, "col_order")):
             if order.shape != (n_exp, n) or not (np.sort(order, axis=-1) == np.arange(n)).all():
-                raise ValueError(f"{name} must hold {n_exp} permutations of {n} indices, got shape {order.shape}")
+                raise AdapterError(f"{name} must hold {n_exp} permutations of {n} indices, got shape {order.shape}")
         if num_blocks > min(d_out, d_in):
-            raise ValueError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {(d_out, d_in)}")
+            raise ConfigError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {(d_out, d_in)}")
         self.linear = base
         self.rank, self.num_blocks, self.alpha = int(rank), int(num_blocks), float(alpha)
         self.branch_ranks = split_rank(self.rank, self.num_blocks, branch_ranks)

@@ -20,10 +20,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import checkpoint
+from .card import write_adapter_card
 from .cli import run
 from .data import Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
 from .errors import ConfigError
+from .hub import adapter_files, upload_folder
 from .loader import load_base, load_model
 from .lr_scale import default_rate, step_scales
 from .options import (
@@ -157,6 +159,11 @@ def _train(args, resume, dist: Distributed) -> dict:
     if args.test:
         model.eval()
         result["test_loss"] = _test_loss(model, batchers["test"], args, dist)
+    if dist.main:
+        write_adapter_card(out, metrics={**result, "data": args.data})
+        if args.upload_repo:
+            upload_folder(out, args.upload_repo, files=adapter_files(out),
+                          private=args.upload_private)
     if args.model == str(BUNDLED_MODEL) and dist.main:
         print(f"Adapter saved in {out}. That was the tiny bundled model (a smoke test); to "
               f"fine-tune a real one: python -m smoa_mlx.train --model {REAL_MODEL}")

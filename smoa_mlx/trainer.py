@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_map
 from . import checkpoint
 from .adapters import smoa_config
 from .archs import default_targets
+from .card import write_adapter_card
 from .distributed import Distributed
 from .errors import ConfigError, SMoAError
 from .patch import apply_smoa, layer_relative, smoa_layers, summarize, target_paths
@@ -440,6 +441,7 @@ class Loop:
             raise Diverged(_diverged(self.state.step, "the adapter", self.last_saved, self.args))
         if self.dist.main:
             checkpoint.save(self.out, adapter, self.optimizer.state, self.config, self.state)
+            write_adapter_card(self.out)  # the model card travels with the files
         self.last_saved = self.state.step
         print(f"Iter {self.state.step}: saved {self.out / checkpoint.numbered(self.state.step)}",
               flush=True)
