@@ -85,11 +85,16 @@ def _copy(value):
 class TrainOptions:
     model: str = opt(str(BUNDLED_MODEL), "Local model directory or Hugging Face repo.", local=True,
                      shown=f"the bundled stories260K; a real one: {REAL_MODEL}")
-    data: str = opt(str(BUNDLED_DATA), "Directory with train/valid(/test).jsonl.", local=True,
+    data: str = opt(str(BUNDLED_DATA), "Directory with train/valid(/test).jsonl, or a Hugging "
+                    "Face dataset id.", local=True,
                     shown="the bundled example data")
     hf_dataset: object = opt(None, "Hugging Face dataset(s), as mlx-lm's hf_dataset: one "
                              "mapping or a list (passed to the data layer as is).",
                              kind="mapping", cli=False)
+    prompt_feature: str = opt(None, "Column holding the prompt (mlx-lm's key; default prompt).")
+    completion_feature: str = opt(None, "Column holding the completion (default completion).")
+    chat_feature: str = opt(None, "Column holding the chat messages (default messages).")
+    text_feature: str = opt(None, "Column holding the text (default text).")
     train: bool = opt(True, "Train (the default, unless --test is given alone).", kind="flag",
                       per_invocation=True)
     test: bool = opt(False, "Report the test-set loss (after training, or of --adapter-path "

@@ -22,7 +22,7 @@ import mlx.core as mx
 from . import checkpoint
 from .card import write_adapter_card
 from .cli import run
-from .data import Batcher, load_data
+from .data import FEATURES, Batcher, load_data
 from .distributed import Distributed, array_digest, data_digest, model_digest
 from .errors import ConfigError
 from .hub import adapter_files, upload_folder
@@ -171,9 +171,10 @@ def _train(args, resume, dist: Distributed) -> dict:
 
 
 def _load_data(args, tokenizer, splits) -> dict:
-    """The data layer reads local directories, hub datasets (`data` or `hf_dataset`)."""
-    extra = {"hf_dataset": args.hf_dataset} if args.hf_dataset is not None else {}
-    return load_data(args.data, tokenizer, mask_prompt=args.mask_prompt, splits=splits, **extra)
+    """Local directories and hub datasets (`data`), or mlx-lm's `hf_dataset` config."""
+    spec = args.data if args.hf_dataset is None else args.hf_dataset
+    features = {k: getattr(args, k) for k in FEATURES if getattr(args, k) is not None}
+    return load_data(spec, tokenizer, mask_prompt=args.mask_prompt, splits=splits, **features)
 
 
 def _test_loss(model, batcher, args, dist) -> float:

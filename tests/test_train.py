@@ -603,23 +603,33 @@ def test_config_keys_that_mean_nothing_here_are_one_line(tiny_model_dir, arith, 
         assert "\n" not in str(e.value) and not out.exists(), name
 
 
-def test_hf_dataset_goes_to_the_data_layer_unchanged(tiny_model_dir, arith, tmp_path, monkeypatch):
-    import smoa_mlx.train as train_module
-
-    seen = {}
-    real = train_module.load_data
-
-    def load_data(data, tokenizer, **kw):
-        seen.update(kw)
-        kw.pop("hf_dataset", None)
-        return real(data, tokenizer, **kw)
-
-    monkeypatch.setattr(train_module, "load_data", load_data)
-    spec = [{"name": "billsum", "train_split": "train[:1000]", "prompt_feature": "text"},
-            {"name": "other", "completion_feature": "summary"}]
-    cfg = _yaml_case(tmp_path, "hf", __import__("yaml").safe_dump({"hf_dataset": spec}))
-    train({**opts(tiny_model_dir, arith, tmp_path / "a", iters=1), "config": cfg})
-    assert seen["hf_dataset"] == spec
+def test_yaml_hf_dataset_and_features_train(tiny_model_dir, tmp_path):
+    """mlx-lm's `hf_dataset` (through the real `datasets.load_dataset`, on a local parquet
+    dataset) and its top-level `*_feature` keys reach the data layer and train."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(6) for b in range(6)]
+    d = tmp_path / "hub_like"
+    d.mkdir()
+    datasets.Dataset.from_list(rows[:28]).to_parquet(str(d / "train.parquet"))
+    datasets.Dataset.from_list(rows[28:]).to_parquet(str(d / "valid.parquet"))
+    yaml = __import__("yaml")
+    # mlx-lm's default splits (train[:80%], train[-10%:]) for train, the file for valid
+    spec = {"path": str(d), "prompt_feature": "question", "completion_feature": "answer",
+            "valid_split": "validation"}
+    cfg = _yaml_case(tmp_path, "hf", yaml.safe_dump({"hf_dataset": spec}))
+    run = {**opts(tiny_model_dir, d, tmp_path / "a", iters=2, batch_size=2), "config": cfg}
+    run.pop("data")
+    result = train(run)
+    assert result["steps"] == 2 and result["val_loss"] is not None
+    # top-level features on a local directory of the same records
+    local = tmp_path / "local"
+    local.mkdir()
+    for split, part in (("train", rows[:28]), ("valid", rows[28:])):
+        (local / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = _yaml_case(tmp_path, "feat", yaml.safe_dump(
+        {"prompt_feature": "question", "completion_feature": "answer"}))
+    result = train({**opts(tiny_model_dir, local, tmp_path / "b", iters=2), "config": cfg})
+    assert result["steps"] == 2
 
 
 # ---------------------------------------------------------------- crash safety
