@@ -67,7 +67,9 @@ def test_tiny_smoa_learns_saves_and_reloads(tiny_model_dir, arith, tmp_path, cap
     names = {p.name for p in out.iterdir()}
     assert {"adapters.safetensors", "adapter_config.json", checkpoint.STATE, checkpoint.METRICS,
             "0000005_adapters.safetensors", "0000010_adapters.safetensors",
-            "0000012_adapters.safetensors"} == names
+            "0000012_adapters.safetensors", "README.md"} == names
+    card = (out / "README.md").read_text()  # the model card carries the final metrics
+    assert f"val_loss: {r['val_loss']}" in card and f"trainable: {r['trainable']}" in card
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "smoa" and config["learning_rate"] == 5e-2
     assert config["model"] == str(tiny_model_dir) and config["smoa_parameters"]["num_blocks"] == 2
