@@ -270,3 +270,19 @@ def test_convert_export_writes_a_card(tiny_model_dir, tmp_path, capsys, monkeypa
     # Exporting again into the same directory works (the card is one of the files it writes).
     assert cli(capsys, main, "export", "--format", "smoa", "--model", tiny_model_dir, "--adapter-path",
                adapter, "--out", tmp_path / "pt", "--no-parity")[0] == 0
+
+
+def test_train_upload_repo_sends_the_finished_adapter_and_its_card(tiny_model_dir, arith, tmp_path,
+                                                                   monkeypatch):
+    from smoa_mlx.train import train
+
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "run"
+    result = train({"model": str(tiny_model_dir), "data": str(arith), "adapter_path": str(out),
+                    "iters": 2, "batch_size": 4, "learning_rate": 5e-2, "warmup": 0,
+                    "upload_repo": "me/run", "upload_private": True})
+    assert hub.repos == [("me/run", {"repo_type": "model", "private": True, "exist_ok": True})]
+    (repo, sent), = hub.commits
+    assert sorted(sent) == ["README.md", "adapter_config.json", "adapters.safetensors"]
+    assert all(sent[f] == (out / f).read_bytes() for f in sent)
+    assert read_metadata(out)["training_metrics"]["val_loss"] == result["val_loss"]
