@@ -235,12 +235,7 @@ def write_fused_card(save_path, base, adapter_path, hf: bool, parity: dict | Non
         + _license(info), "",
         "## Adapter", "", _table(rows), "",
     ]
-    metric_rows = _metric_rows(kept)
-    if metric_rows:
-        lines += ["## Training", "", _table(metric_rows), ""]
-    lines += ["## Use", ""] + load + [""]
-    text = "\n".join(lines)
-    return atomic_write(save_path / CARD, lambda t: t.write_text(text))
+    return _write(save_path, lines, kept, load)
 
 
 def write_peft_card(out, adapter_path, fmt: str, base, name: str | None = None) -> Path:
@@ -266,9 +261,13 @@ def write_peft_card(out, adapter_path, fmt: str, base, name: str | None = None) 
     lines = [_front_matter(info, "peft" if peft else None, tags, {"training_metrics": kept} if kept else {}),
              f"# {name}", "", f"A PyTorch adapter for `{base_ref}`, exported by smoa-mlx. " + _license(info), "",
              "## Adapter", "", _table(rows), ""]
+    return _write(out, lines, kept, load)
+
+
+def _write(folder: Path, lines: list[str], kept: dict, load: list[str]) -> Path:
+    """A card's closing sections (training metrics when known, how to load it), written."""
     metric_rows = _metric_rows(kept)
     if metric_rows:
-        lines += ["## Training", "", _table(metric_rows), ""]
-    lines += ["## Use", ""] + load + [""]
-    text = "\n".join(lines)
-    return atomic_write(out / CARD, lambda t: t.write_text(text))
+        lines = lines + ["## Training", "", _table(metric_rows), ""]
+    text = "\n".join(lines + ["## Use", ""] + load + [""])
+    return atomic_write(Path(folder) / CARD, lambda t: t.write_text(text))
