@@ -5,7 +5,8 @@ Two measures per module, from the singular values s of ΔW (float64):
 - `rank_1pct`: how many s are above 1% of the largest (a numerical rank);
 - `entropy_rank`: exp(H(p)) with p = s / sum(s) (Roy & Vetterli's effective rank), a
   smooth count that is small when a few directions carry the update.
-An all-zero ΔW (an untrained adapter) has rank 0 by both measures.
+An all-zero ΔW (an untrained adapter) has rank 0 by both measures. An MoE expert layer
+has one ΔW per expert: its row holds the mean over experts, and `experts` the per-expert values.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from mlx_lm.tuner.lora import LoRALinear
 from .errors import AdapterError
 from .layer import SMoALinear, adapter_layers
 from .patch import layer_relative
+from .switch import SMoASwitchLinear
 
 REL_TOL = 0.01
 
 
 def delta_weight(module: nn.Module) -> mx.array:
-    """The dense scaled update (d_out, d_in) of an SMoA or mlx-lm LoRA layer."""
-    if isinstance(module, SMoALinear):
+    """The dense scaled update (d_out, d_in) of an SMoA or mlx-lm LoRA layer; (E, d_out, d_in)
+    for SMoA on MoE experts."""
+    if isinstance(module, (SMoALinear, SMoASwitchLinear)):
         return module.delta_weight()
     if isinstance(module, LoRALinear):  # mlx-lm: y += scale * (x @ lora_a) @ lora_b
         return module.scale * (module.lora_b.T @ module.lora_a.T)
@@ -33,7 +36,7 @@ def delta_weight(module: nn.Module) -> mx.array:
 
 def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
     """ΔW of every SMoA / LoRA layer of `model`, by module path (layers in numeric order)."""
-    return {p: delta_weight(m) for p, m in adapter_layers(model, (SMoALinear, LoRALinear)).items()}
+    return {p: delta_weight(m) for p, m in adapter_layers(model, (SMoALinear, SMoASwitchLinear, LoRALinear)).items()}
 
 
 def singular_values(delta) -> np.ndarray:
@@ -63,9 +66,15 @@ def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
     modules = {}
     for path, delta in deltas.items():
         delta = np.array(delta.astype(mx.float32))
-        rank, entropy = effective_rank(delta, rel_tol)
-        modules[path] = {"type": layer_relative(path), "shape": list(delta.shape),
-                         "max_rank": min(delta.shape), "rank_1pct": rank, "entropy_rank": entropy}
+        info = {"type": layer_relative(path), "shape": list(delta.shape[-2:]), "max_rank": min(delta.shape[-2:])}
+        if delta.ndim == 2:
+            info["rank_1pct"], info["entropy_rank"] = effective_rank(delta, rel_tol)
+        else:
+            per = [effective_rank(d, rel_tol) for d in delta]
+            info["experts"] = [{"rank_1pct": r, "entropy_rank": e} for r, e in per]
+            info["rank_1pct"] = float(np.mean([r for r, _ in per]))
+            info["entropy_rank"] = float(np.mean([e for _, e in per]))
+        modules[path] = info
     return {"rel_tol": rel_tol, "modules": modules, "summary": summarize(modules)}
 
 

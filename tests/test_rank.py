@@ -152,3 +152,27 @@ def test_format_is_one_row_per_module_type():
 def test_a_model_without_adapters_is_refused():
     with pytest.raises(ValueError, match="no SMoA or LoRA layers"):
         rank_report(Toy([Block(_linear(8, 8, 0), _linear(8, 8, 1))]))
+
+
+def test_moe_experts_are_measured_per_expert():
+    """Each expert's ranks against its ΔW taken from the fused layer (fused - base weight)."""
+    from test_archs import randomize_b, tiny
+
+    from smoa_mlx.fuse import fuse_layers
+    from smoa_mlx.patch import apply_smoa
+
+    model = tiny("qwen3_moe")
+    path = "model.layers.0.mlp.switch_mlp.up_proj"
+    base = np.array(dict(model.named_modules())[path].weight, np.float64)
+    apply_smoa(model, rank=4, num_blocks=2, progress=False)
+    randomize_b(model)
+    info = rank_report(model)["modules"][path]
+    fuse_layers(model)
+    deltas = np.array(dict(model.named_modules())[path].weight, np.float64) - base
+    assert info["shape"] == list(deltas.shape[1:]) and len(info["experts"]) == deltas.shape[0] == 4
+    for got, delta in zip(info["experts"], deltas):
+        s = np.linalg.svd(delta, compute_uv=False)
+        p = s / s.sum()
+        assert got["rank_1pct"] == int((s > 0.01 * s[0]).sum()) > 4  # above the rank budget
+        assert math.isclose(got["entropy_rank"], math.exp(-(p * np.log(p)).sum()), rel_tol=1e-3)
+    assert info["rank_1pct"] == np.mean([e["rank_1pct"] for e in info["experts"]])

@@ -15,10 +15,12 @@ from ..adapters import read_adapter_config
 from ..card import write_adapter_card, write_peft_card
 from ..errors import AdapterError, ConfigError
 from ..files import staged_dir
-from ..layouts.names import check_model_type
+from ..layer import adapter_layers
+from ..layouts.names import check_model_type, check_peft_targets
 from ..layouts.peft_io import read_peft_dir
 from ..loader import load_base
 from ..loader import model_dir as local_dir
+from ..switch import SMoASwitchLinear
 from . import hira, lora, parity, smoa
 
 # format -> (peft_type, import function, export function)
@@ -81,6 +83,7 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
         raise AdapterError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
     mlx_model, _, config, model_dir = load_base(model, adapter_path)
     check_model_type(config.get("model_type"))
+    check_peft_targets(adapter_path, adapter_layers(mlx_model), adapter_layers(mlx_model, SMoASwitchLinear))
     if "quantization" in config:
         log("note: the base is quantized; the anchors here are its de-quantized weights, while "
             "PyTorch uses the float checkpoint's, so expect small differences there")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ModelError
+from ..errors import AdapterError, ModelError
 
 PEFT_PREFIX = "base_model.model."
-# mlx-lm model types whose module and parameter names equal the transformers ones.
-SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3")
+# mlx-lm model types whose module and parameter names equal the transformers ones (for the MoE
+# types: every module but the experts and routers; tests/test_convert_archs.py checks each).
+SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
+              "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 def check_model_type(model_type: str | None) -> None:
@@ -22,6 +24,21 @@ def check_model_type(model_type: str | None) -> None:
         raise ModelError(
             f"model type {model_type!r}: mlx-lm and Hugging Face module names are only "
             f"known to agree for {', '.join(SAME_NAMES)}"
+        )
+
+
+# MoE routers: a linear layer in mlx-lm, a TopKRouter module (not nn.Linear) in transformers 5.
+ROUTER = re.compile(r".*\.(mlp|block_sparse_moe)\.gate")
+
+
+def check_peft_targets(adapter, paths, expert_paths) -> None:
+    """PEFT targets only linear modules: transformers 5 stores MoE experts fused as 3-D
+    parameters and routers as router modules, so an adapter on them has no PyTorch layout."""
+    bad = list(expert_paths) + [p for p in paths if ROUTER.fullmatch(p)]
+    if bad:
+        raise AdapterError(
+            f"{adapter}: {len(bad)} adapted modules are MoE experts or routers (e.g. {bad[0]}), "
+            "which PEFT cannot target; use `fuse --hf` instead, or train with --targets without them"
         )
 
 
