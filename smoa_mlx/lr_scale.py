@@ -42,10 +42,20 @@ def default_rate(model) -> float:
 
 def anchor_rms(layer, per_row: bool = False) -> list:
     """rms of each anchor `M_k = W0[rows_k][:, cols_k]` (SPEC §1 step 4-5), in float64
-    (`per_row`: of each row of it, shape (out_k, 1))."""
+    (`per_row`: of each row of it, shape (out_k, 1)). For MoE experts (a stacked
+    (E, d_out, d_in) weight, one plan per expert) each block's values are stacked to
+    (E, 1, 1) or (E, out_k, 1), broadcasting against its B_k of shape (E, out_k, r_k)."""
     w0 = np.array(base_weight(layer.linear).astype(mx.float32), dtype=np.float64)
-    rows = np.array_split(np.array(layer.row_order), layer.num_blocks)
-    cols = np.array_split(np.array(layer.col_order), layer.num_blocks)
+    rows, cols = np.array(layer.row_order), np.array(layer.col_order)
+    if w0.ndim == 2:
+        return _block_rms(w0, rows, cols, layer.num_blocks, per_row)
+    experts = [_block_rms(w, r, c, layer.num_blocks, per_row) for w, r, c in zip(w0, rows, cols)]
+    return [np.array([e[k] for e in experts]).reshape(len(experts), -1, 1)
+            for k in range(layer.num_blocks)]
+
+
+def _block_rms(w0, row_order, col_order, num_blocks: int, per_row: bool) -> list:
+    rows, cols = np.array_split(row_order, num_blocks), np.array_split(col_order, num_blocks)
     if per_row:
         return [np.sqrt(np.mean(w0[np.ix_(r, c)] ** 2, axis=1, keepdims=True)) for r, c in zip(rows, cols)]
     return [float(np.sqrt(np.mean(w0[np.ix_(r, c)] ** 2))) for r, c in zip(rows, cols)]
@@ -62,7 +72,7 @@ def step_scales(model, mode: str = "anchor") -> dict:
     for path, layer in smoa_layers(model).items():
         for k, rms in enumerate(anchor_rms(layer, per_row=mode == "row")):
             c = inverse(rms)
-            scales[f"{path}.smoa_b.{k}"] = float(c) if mode == "anchor" else mx.array(c, dtype=mx.float32)
+            scales[f"{path}.smoa_b.{k}"] = float(c) if np.ndim(c) == 0 else mx.array(c, dtype=mx.float32)
     return tree_map_with_path(lambda path, _: scales.get(path, 1.0), model.trainable_parameters())
 
 

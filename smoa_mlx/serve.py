@@ -760,7 +760,9 @@ class Handler(BaseHTTPRequestHandler):
     def _head(self, req: dict, kind: str) -> dict:
         prefix = "chatcmpl" if "messages" in req else "cmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": req.get("model", self.server.model_name),
+                # the adapter the request chose (mlx-lm's `adapters` field wins over `model`)
+                "model": req["adapters"] if isinstance(req.get("adapters"), str)
+                else req.get("model", self.server.model_name),
                 "system_fingerprint": self.server.fingerprint}
 
     def _generate(self, req: dict):

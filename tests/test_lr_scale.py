@@ -173,3 +173,41 @@ def test_the_default_rate_follows_the_width(tiny_model_dir, text_data, tmp_path)
                 "iters": 1, "batch_size": 4, "warmup": 0, "method": method}
         train(args)
         assert json.loads((out / "adapter_config.json").read_text())["learning_rate"] == lr
+
+
+def test_moe_experts_get_one_scale_per_expert_and_train():
+    """A switch (MoE expert) layer plans each expert: B_k's multiplier is (E, 1, 1), one
+    1/rms per expert's anchor (float64 reference), and the scaled optimizer trains it."""
+    import mlx.nn as nn
+    from test_archs import TOKENS, tiny
+
+    model = tiny("qwen3_moe")
+    apply_smoa(model, rank=4, num_blocks=2, progress=False)
+    scales = dict(tree_flatten(step_scales(model)))
+    rows_scales = dict(tree_flatten(step_scales(model, "row")))
+    experts = 0
+    for path, layer in smoa_layers(model).items():
+        w = np.array(base_weight(layer.linear).astype(mx.float32), dtype=np.float64)
+        if w.ndim == 2:
+            continue
+        experts += 1
+        for k in range(layer.num_blocks):
+            c, c_row = (np.array(t[f"{path}.smoa_b.{k}"]) for t in (scales, rows_scales))
+            assert c.shape == (w.shape[0], 1, 1) and c_row.shape == (w.shape[0], layer.smoa_b[k].shape[1], 1)
+            for e in range(w.shape[0]):
+                r = np.array_split(np.array(layer.row_order[e]), layer.num_blocks)[k]
+                q = np.array_split(np.array(layer.col_order[e]), layer.num_blocks)[k]
+                m = w[e][np.ix_(r, q)]
+                np.testing.assert_allclose(c[e, 0, 0], 1 / np.sqrt(np.mean(m ** 2)), rtol=1e-6)
+                np.testing.assert_allclose(c_row[e, :, 0], 1 / np.sqrt(np.mean(m ** 2, axis=1)), rtol=1e-5)
+    assert experts > 0
+    model.train()
+    opt = build_optimizer("adamw", 1e-2, step_scales=step_scales(model))
+    step = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(TOKENS[:, :-1]), TOKENS[:, 1:]).mean())
+    losses = []
+    for _ in range(6):
+        loss, grads = step(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
