@@ -242,6 +242,7 @@ def test_adapters_selected_by_model_without_reloading(server, reference):
     # mlx-lm's `adapters` field selects too; the base's own weights were never replaced.
     _, out = chat(server, {"model": "tiny", "adapters": "beta", "messages": USER, "max_tokens": 8})
     assert out["choices"][0]["message"]["content"] == reference(USER, 8, "beta")[0]
+    assert out["model"] == "beta"  # the response names the adapter that answered
     _, out = chat(server, {"model": "tiny", "messages": USER, "max_tokens": 8})
     assert out["choices"][0]["message"]["content"] == reference(USER, 8)[0]
     now = dict(server.model.named_modules())
