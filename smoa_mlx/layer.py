@@ -228,6 +228,33 @@ def _blocked_update(base, x, a_list, b_list, blocks: Blocks, scale):
     return update(x, a_list, b_list)
 
 
+def init_adapter(layer: nn.Module, base, row_order, col_order, shape, rank, num_blocks, alpha,
+                 dropout, branch_ranks, experts: tuple = ()) -> None:
+    """The hyperparameters, orders and factors SMoALinear and SMoASwitchLinear share (SPEC §1:
+    rank split, scale = alpha / r, A uniform in ±1/sqrt(in_k), B = 0), with `experts` as a
+    leading shape of every factor; freezes the base and the orders."""
+    d_out, d_in = shape
+    if num_blocks > min(d_out, d_in):
+        raise ConfigError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {tuple(shape)}")
+    layer.linear = base
+    layer.rank, layer.num_blocks, layer.alpha = int(rank), int(num_blocks), float(alpha)
+    layer.branch_ranks = split_rank(layer.rank, layer.num_blocks, branch_ranks)
+    layer.scale = layer.alpha / layer.rank
+    layer.dropout_p = float(dropout)
+    layer.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+    layer.row_order = mx.array(row_order.astype(np.int32))
+    layer.col_order = mx.array(col_order.astype(np.int32))
+    layer.out_sizes = split_sizes(d_out, layer.num_blocks)
+    layer.in_sizes = split_sizes(d_in, layer.num_blocks)
+    layer.smoa_a = [
+        mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (*experts, r, i))
+        for r, i in zip(layer.branch_ranks, layer.in_sizes)
+    ]
+    layer.smoa_b = [mx.zeros((*experts, o, r)) for r, o in zip(layer.branch_ranks, layer.out_sizes)]
+    layer.linear.freeze()
+    layer.freeze(keys=["row_order", "col_order"], recurse=False)
+
+
 class SMoALinear(nn.Module):
     @staticmethod
     def from_base(
@@ -264,33 +291,14 @@ class SMoALinear(nn.Module):
                 f"row_order/col_order must be permutations of {d_out}/{d_in} indices, got "
                 f"lengths {len(row_order)}/{len(col_order)}"
             )
-        if num_blocks > min(d_out, d_in):
-            raise ConfigError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {weight.shape}")
-        self.linear = base
-        self.rank, self.num_blocks, self.alpha = int(rank), int(num_blocks), float(alpha)
-        self.branch_ranks = split_rank(self.rank, self.num_blocks, branch_ranks)
-        self.scale = self.alpha / self.rank
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
-        self.row_order = mx.array(row_order.astype(np.int32))
-        self.col_order = mx.array(col_order.astype(np.int32))
-
-        self.out_sizes = split_sizes(d_out, self.num_blocks)
-        self.in_sizes = split_sizes(d_in, self.num_blocks)
+        init_adapter(self, base, row_order, col_order, (d_out, d_in), rank, num_blocks, alpha,
+                     dropout, branch_ranks)
         self._blocks = Blocks(
             [mx.array(r.astype(np.uint32)) for r in np.array_split(row_order, num_blocks)],
             [mx.array(c.astype(np.uint32)) for c in np.array_split(col_order, num_blocks)],
             mx.array(np.argsort(row_order).astype(np.uint32)),
             mx.array(np.argsort(col_order).astype(np.uint32)),
         )
-
-        self.smoa_a = [
-            mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (r, i))
-            for r, i in zip(self.branch_ranks, self.in_sizes)
-        ]
-        self.smoa_b = [mx.zeros((o, r)) for r, o in zip(self.branch_ranks, self.out_sizes)]
-        self.linear.freeze()
-        self.freeze(keys=["row_order", "col_order"], recurse=False)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -32,9 +32,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from .errors import AdapterError, ConfigError
-from .layer import _tied, base_weight
-from .plan import split_rank, split_sizes
+from .errors import AdapterError
+from .layer import _tied, base_weight, init_adapter
 from .plan_cache import cached_plan
 
 
@@ -114,27 +113,10 @@ class SMoASwitchLinear(nn.Module):
         for order, n, name in ((row_order, d_out, "row_order"), (col_order, d_in, "col_order")):
             if order.shape != (n_exp, n) or not (np.sort(order, axis=-1) == np.arange(n)).all():
                 raise AdapterError(f"{name} must hold {n_exp} permutations of {n} indices, got shape {order.shape}")
-        if num_blocks > min(d_out, d_in):
-            raise ConfigError(f"num_blocks={num_blocks} exceeds min(d_out, d_in) of {(d_out, d_in)}")
-        self.linear = base
-        self.rank, self.num_blocks, self.alpha = int(rank), int(num_blocks), float(alpha)
-        self.branch_ranks = split_rank(self.rank, self.num_blocks, branch_ranks)
-        self.scale = self.alpha / self.rank
-        self.dropout_p = float(dropout)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
-        self.row_order = mx.array(row_order.astype(np.int32))
-        self.col_order = mx.array(col_order.astype(np.int32))
-        self.out_sizes = split_sizes(d_out, self.num_blocks)
-        self.in_sizes = split_sizes(d_in, self.num_blocks)
+        init_adapter(self, base, row_order, col_order, (d_out, d_in), rank, num_blocks, alpha,
+                     dropout, branch_ranks, experts=(n_exp,))
         self._row_slot = mx.array(np.argsort(row_order, axis=-1).astype(np.uint32))
         self._col_slot = mx.array(np.argsort(col_order, axis=-1).astype(np.uint32))
-        self.smoa_a = [
-            mx.random.uniform(-1 / math.sqrt(i), 1 / math.sqrt(i), (n_exp, r, i))
-            for r, i in zip(self.branch_ranks, self.in_sizes)
-        ]
-        self.smoa_b = [mx.zeros((n_exp, o, r)) for r, o in zip(self.branch_ranks, self.out_sizes)]
-        self.linear.freeze()
-        self.freeze(keys=["row_order", "col_order"], recurse=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
