@@ -123,24 +123,24 @@ def _layer_paths(model):
     return [p for p, m in model.named_modules() if id(m) in ids]
 
 
+def train_losses(model, optimizer, steps: int = 6) -> list[float]:
+    """Next-token loss on TOKENS before each of `steps` optimizer updates (model in train mode)."""
+    model.train()
+    step = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(TOKENS[:, :-1]), TOKENS[:, 1:]).mean())
+    losses = []
+    for _ in range(steps):
+        loss, grads = step(model)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "qwen3_moe", "mixtral"])
 def test_training_steps_lower_the_loss(model_type):
     model = tiny(model_type)
     apply_smoa(model, rank=4, num_blocks=2, progress=False)
-    model.train()
-    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
-
-    def loss_fn(model):
-        return nn.losses.cross_entropy(model(inputs), targets).mean()
-
-    step = nn.value_and_grad(model, loss_fn)
-    opt = optim.Adam(learning_rate=3e-2)
-    losses = []
-    for _ in range(6):
-        loss, grads = step(model)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        losses.append(loss.item())
+    losses = train_losses(model, optim.Adam(learning_rate=3e-2))
     assert losses[-1] < losses[0] - 0.05, losses
     names = {n for n, _ in tree_flatten(model.trainable_parameters())}
     assert names and all(".smoa_a." in n or ".smoa_b." in n for n in names)

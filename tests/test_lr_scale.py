@@ -178,8 +178,7 @@ def test_the_default_rate_follows_the_width(tiny_model_dir, text_data, tmp_path)
 def test_moe_experts_get_one_scale_per_expert_and_train():
     """A switch (MoE expert) layer plans each expert: B_k's multiplier is (E, 1, 1), one
     1/rms per expert's anchor (float64 reference), and the scaled optimizer trains it."""
-    import mlx.nn as nn
-    from test_archs import TOKENS, tiny
+    from test_archs import tiny, train_losses
 
     model = tiny("qwen3_moe")
     apply_smoa(model, rank=4, num_blocks=2, progress=False)
@@ -201,13 +200,5 @@ def test_moe_experts_get_one_scale_per_expert_and_train():
                 np.testing.assert_allclose(c[e, 0, 0], 1 / np.sqrt(np.mean(m ** 2)), rtol=1e-6)
                 np.testing.assert_allclose(c_row[e, :, 0], 1 / np.sqrt(np.mean(m ** 2, axis=1)), rtol=1e-5)
     assert experts > 0
-    model.train()
-    opt = build_optimizer("adamw", 1e-2, step_scales=step_scales(model))
-    step = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(TOKENS[:, :-1]), TOKENS[:, 1:]).mean())
-    losses = []
-    for _ in range(6):
-        loss, grads = step(model)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        losses.append(loss.item())
+    losses = train_losses(model, build_optimizer("adamw", 1e-2, step_scales=step_scales(model)))
     assert losses[-1] < losses[0] - 0.05, losses
