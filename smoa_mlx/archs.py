@@ -23,7 +23,8 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .errors import ModelError
-from .files import read_json, save_safetensors, write_json
+from .files import load_safetensors, read_json, save_safetensors, write_json
+from .layouts.names import UNSEEN
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
@@ -85,9 +86,11 @@ def layer_index(path: str, layers: dict[str, int]) -> int | None:
 
 
 # `fuse --hf` model types: their merged weights load in transformers under mlx-lm's names,
-# once MoE experts are un-stacked (tests/test_archs.py compares the logits for each).
-HF_FUSE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
-           "qwen2_moe", "qwen3_moe", "mixtral")
+# once MoE experts are un-stacked (tests/test_archs.py compares the logits for each). mlx-lm's
+# parameter names are the checkpoint's, not always transformers' module names: gemma3's
+# `language_model.model.*` is what hub checkpoints and transformers' own save_pretrained write.
+HF_FUSE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+           "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
 _STACKED = re.compile(r"^(.*)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
@@ -112,13 +115,40 @@ def hf_tensors(model_type: str, weights: dict) -> dict:
     return out
 
 
-def rewrite_hf_shards(directory: Path, model_type: str) -> None:
-    """Rename/un-stack the tensors of every shard mlx-lm's `save_model` wrote in `directory`."""
+def kept_tensors(model_type: str, model_dir: Path) -> dict:
+    """The base checkpoint's tensors of the modules mlx-lm drops (`UNSEEN`: gemma3's vision tower
+    and projector), as stored there, so the fused checkpoint is the base's whole architecture
+    (docs/ARCHITECTURE.md says why); refused when the checkpoint lacks them or holds them in
+    MLX's layout (an mlx-vlm conversion)."""
+    prefixes = UNSEEN.get(model_type, ())
+    if not prefixes:
+        return {}
+    kept = {}
+    for shard in sorted(Path(model_dir).glob("model*.safetensors")):
+        kept.update({k: v for k, v in load_safetensors(shard).items() if k.split(".", 1)[0] in prefixes})
+    why = f"fuse --hf copies the {model_type} {' and '.join(prefixes)} from the base's Hugging Face checkpoint"
+    for p in prefixes:
+        if not any(k.startswith(p + ".") for k in kept):
+            raise ModelError(f"{model_dir}: no {p}.* tensors; {why} (pass that checkpoint as --model)")
+    channels = (read_json(Path(model_dir) / "config.json").get("vision_config") or {}).get("num_channels", 3)
+    for k, v in kept.items():
+        if k.endswith((".scales", ".biases")) or (k.endswith("patch_embedding.weight") and v.shape[1] != channels):
+            raise ModelError(f"{model_dir}: tensor {k} is in MLX's layout, not transformers'; {why} "
+                             "(pass that checkpoint as --model)")
+    return kept
+
+
+def rewrite_hf_shards(directory: Path, model_type: str, kept: dict) -> None:
+    """Rename/un-stack the tensors of every shard mlx-lm's `save_model` wrote in `directory`,
+    adding the `kept` base tensors to the last one."""
     index_file = directory / "model.safetensors.index.json"
     index = read_json(index_file)
     weight_map = {}
-    for shard in sorted(set(index["weight_map"].values())):
+    shards = sorted(set(index["weight_map"].values()))
+    for shard in shards:
         tensors = hf_tensors(model_type, mx.load(str(directory / shard)))
+        if shard == shards[-1]:
+            tensors.update(kept)
         save_safetensors(directory / shard, tensors, {"format": "pt"})
         weight_map.update({k: shard for k in tensors})
     write_json(index_file, {**index, "weight_map": dict(sorted(weight_map.items()))})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .archs import check_hf_fuse, rewrite_hf_shards
+from .archs import check_hf_fuse, kept_tensors, rewrite_hf_shards
 from .card import write_fused_card
 from .cli import run
 from .errors import AdapterError
@@ -28,6 +28,8 @@ from .layer import adapter_layers
 from .loader import load_base
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
+# Base files a deployment reads beside the weights (image processing for multimodal bases).
+COPIED = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 def fuse_layers(model, dequantize: bool = False) -> int:
@@ -45,8 +47,10 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     from mlx_lm.utils import dequantize_model, save_config, save_model
 
     mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
+    kept = {}
     if hf:
         check_hf_fuse(config.get("model_type"))
+        kept = kept_tensors(config["model_type"], model_dir)
     dequantize = dequantize or hf
     quantized = any(k in config for k in QUANTIZATION_KEYS)
     check = FuseCheck(mlx_model, tokenizer)
@@ -60,7 +64,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
     with staged_dir(save_path) as tmp:
         save_model(tmp, mlx_model)
         if hf:
-            rewrite_hf_shards(tmp, config["model_type"])
+            rewrite_hf_shards(tmp, config["model_type"], kept)
             # The base's own config (not mlx-lm's view of it), minus MLX quantization.
             hf_config = read_config(model_dir / "config.json")
             for key in QUANTIZATION_KEYS:
@@ -72,8 +76,9 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
                     config.pop(key, None)
             save_config(dict(config), tmp / "config.json")
         tokenizer.save_pretrained(str(tmp))
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", tmp)
+        for name in COPIED:
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, tmp)
         write_fused_card(tmp, model, adapter_path, hf, parity, name=Path(save_path).name)
         if gguf_path is not None:
             write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), config, tmp, gguf_dtype)

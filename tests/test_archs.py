@@ -182,6 +182,11 @@ HF_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_a
                 moe_intermediate_size=24, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
                 shared_expert_intermediate_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
+# Gemma 3: a sliding then a global layer (mlx-lm reads sliding_window_pattern, transformers layer_types).
+GEMMA3_TEXT = dict(layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8)
+GEMMA3_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     image_size=28, patch_size=14)
+
 
 def hf_model_dir(model_type, root):
     """A tiny random transformers model saved as a hub checkpoint, with a tokenizer."""
@@ -192,13 +197,26 @@ def hf_model_dir(model_type, root):
 
     from smoa_mlx.synthetic import make_tokenizer
 
-    config = transformers.AutoConfig.for_model(
-        model_type, tie_word_embeddings=model_type.startswith("gemma"), **HF_SMALL)
+    tied = model_type.startswith("gemma")
+    if model_type == "gemma3":  # Gemma3ForConditionalGeneration: a tiny SigLIP tower beside the text model
+        config = transformers.Gemma3Config(
+            text_config=dict(HF_SMALL, **GEMMA3_TEXT), vision_config=GEMMA3_VISION, mm_tokens_per_image=4,
+            image_token_index=5, boi_token_index=6, eoi_token_index=7, tie_word_embeddings=True)
+    else:
+        config = transformers.AutoConfig.for_model(
+            model_type, tie_word_embeddings=tied, **HF_SMALL, **(GEMMA3_TEXT if model_type == "gemma3_text" else {}))
     torch.manual_seed(0)
     path = root / model_type
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     saved = json.loads((path / "config.json").read_text())  # fields hub configs (and mlx-lm) have
-    saved.setdefault("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    text = saved.get("text_config", saved)
+    rope = text.get("rope_parameters") or {}
+    if "full_attention" in rope:  # gemma3: one rope base per attention type, as hub configs spell them
+        text.update(rope_theta=rope["full_attention"]["rope_theta"],
+                    rope_local_base_freq=rope["sliding_attention"]["rope_theta"], sliding_window_pattern=2)
+    text.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    if model_type == "gemma3":
+        saved["vocab_size"] = text["vocab_size"]  # mlx-lm's gemma3 reads it here (default: Gemma 3's 262208)
     if model_type in ("qwen2_moe", "qwen3_moe"):
         saved.setdefault("num_experts", saved["num_local_experts"])
     (path / "config.json").write_text(json.dumps(saved))
@@ -206,7 +224,8 @@ def hf_model_dir(model_type, root):
     return path
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "starcoder2", "olmo2",
+                                        "qwen2_moe", "qwen3_moe", "mixtral"])
 def test_fuse_hf_loads_in_transformers_with_the_adapted_logits(model_type, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -229,6 +248,12 @@ def test_fuse_hf_loads_in_transformers_with_the_adapted_logits(model_type, tmp_p
         base = base_hf(torch.tensor(np.array(tokens))).logits.numpy()
     assert np.abs(adapted - base).max() > 1e-3  # the adapter moves the logits
     np.testing.assert_allclose(logits, adapted, rtol=1e-4, atol=1e-4)
+    assert type(hf) is type(base_hf)  # gemma3: Gemma3ForConditionalGeneration, vision tower included
+    fused, untouched = hf.state_dict(), base_hf.state_dict()
+    assert fused.keys() == untouched.keys()
+    vision = [k for k in fused if "vision_tower" in k or "multi_modal_projector" in k]
+    assert bool(vision) == (model_type == "gemma3")
+    assert all(torch.equal(fused[k], untouched[k]) for k in vision)
 
 
 def test_fuse_hf_refuses_an_unchecked_architecture(tmp_path):
@@ -236,3 +261,28 @@ def test_fuse_hf_refuses_an_unchecked_architecture(tmp_path):
 
     with pytest.raises(ModelError, match="model type 'gpt2': fuse --hf writes only"):
         check_hf_fuse("gpt2")
+
+
+@pytest.mark.parametrize("damage", ["no vision tower", "MLX layout"])
+def test_fuse_hf_of_gemma3_needs_the_vision_tower_as_transformers_stores_it(damage, tmp_path):
+    """The vision tower is not in mlx-lm's model; fuse --hf copies it from the base checkpoint."""
+    pytest.importorskip("transformers")
+    from smoa_mlx.fuse import fuse
+    from smoa_mlx.loader import load_base
+
+    base_dir = hf_model_dir("gemma3", tmp_path)
+    weights = mx.load(str(base_dir / "model.safetensors"))
+    key = "vision_tower.embeddings.patch_embedding.weight"
+    if damage == "no vision tower":  # e.g. a text-only conversion, which mlx-lm loads all the same
+        weights = {k: v for k, v in weights.items() if not k.startswith("vision_tower.")}
+        match = r"no vision_tower\.\* tensors"
+    else:  # an mlx-vlm conversion: convolutions channels-last
+        weights[key] = weights[key].transpose(0, 2, 3, 1)
+        match = f"tensor {key} is in MLX's layout"
+    mx.save_safetensors(str(base_dir / "model.safetensors"), weights, {"format": "pt"})
+    model = load_base(str(base_dir))[0]
+    apply_smoa(model, rank=4, num_blocks=2, progress=False)
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ModelError, match=match):
+        fuse(str(base_dir), tmp_path / "adapter", tmp_path / "fused", hf=True, log=lambda *_: None)
+    assert not (tmp_path / "fused").exists()

@@ -22,6 +22,7 @@ from smoa_mlx.cli import run  # noqa: E402
 from smoa_mlx.convert import export_adapter, import_adapter  # noqa: E402
 from smoa_mlx.convert.__main__ import main  # noqa: E402
 from smoa_mlx.errors import AdapterError  # noqa: E402
+from smoa_mlx.layouts.names import hf_path  # noqa: E402
 from smoa_mlx.loader import load_base  # noqa: E402
 from smoa_mlx.patch import apply_smoa, smoa_layers  # noqa: E402
 
@@ -61,11 +62,11 @@ def hf_modules(base_dir) -> set:
     return {n for n, _ in transformers.AutoModelForCausalLM.from_pretrained(base_dir).named_modules()}
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "starcoder2", "olmo2"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "starcoder2", "olmo2"])
 def test_dense_architecture_converts(model_type, tmp_path):
     base_dir = hf_model_dir(model_type, tmp_path)
     logits, paths = adapted(base_dir, tmp_path / "blocks", num_blocks=2)
-    assert set(paths) <= hf_modules(base_dir)  # the default targets under the same names
+    assert {hf_path(p, model_type) for p in paths} <= hf_modules(base_dir)  # the default targets there
     round_trip("smoa", base_dir, tmp_path / "blocks", logits, tmp_path)
     # rank 32 >= min(d_out, d_in) of every layer: the lora export is exact here
     round_trip("lora", base_dir, tmp_path / "blocks", logits, tmp_path, rank=32)
@@ -112,3 +113,44 @@ def test_an_unchecked_architecture_is_refused():
 
     with pytest.raises(ModelError, match="model type 'gpt2': mlx-lm and Hugging Face module names"):
         check_model_type("gpt2")
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_exported_keys_are_the_ones_peft_saves_on_the_transformers_model(model_type, tmp_path):
+    """gemma3: PEFT on Gemma3ForConditionalGeneration keys `base_model.model.model.language_model.*`,
+    and the exported target_modules must not reach the vision tower's q/k/v_proj."""
+    from safetensors import safe_open
+
+    base_dir = hf_model_dir(model_type, tmp_path)
+    adapted(base_dir, tmp_path / "ad", num_blocks=2)
+    export_adapter("lora", str(base_dir), tmp_path / "ad", tmp_path / "lora", measure_parity=False, **QUIET)
+    config = peft.LoraConfig.from_pretrained(tmp_path / "lora")
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config)
+    model.save_pretrained(tmp_path / "peft")
+    keys = []
+    for d in ("lora", "peft"):
+        with safe_open(str(tmp_path / d / "adapter_model.safetensors"), "np") as f:
+            keys.append(set(f.keys()))
+    assert keys[0] == keys[1] and len(keys[0]) == 2 * 2 * 5
+    layers = "model.language_model.layers." if model_type == "gemma3" else "model.layers."
+    assert all(k.startswith("base_model.model." + layers) for k in keys[0])
+
+
+def test_a_peft_lora_trained_on_gemma3_imports_without_its_vision_tower_tensors(tmp_path):
+    """Short target names reach the SigLIP tower too; mlx-lm has no tower, text logits match."""
+    base_dir = hf_model_dir("gemma3", tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    model.save_pretrained(tmp_path / "peft")
+    lines = []
+    report = import_adapter("lora", str(base_dir), tmp_path / "peft", tmp_path / "mlx", log=lines.append)
+    assert report["parity"]["logits"] < TOL, report["parity"]
+    assert sum("left out 4 tensors" in line for line in lines) == 1, lines  # 1 layer x (q, v) x (A, B)
+    tokens = TOKENS % 320
+    moved = np.array(load_base(str(base_dir), str(tmp_path / "mlx"))[0](tokens)) - np.array(load_base(str(base_dir))[0](tokens))
+    assert np.abs(moved).max() > 1e-3  # the text part of the adapter is there

@@ -57,12 +57,16 @@ def import_adapter(fmt: str, model: str, src, out, measure_parity: bool = True, 
     peft_type, importer, _ = _format(fmt)
     if plan_dtype is not None and fmt != "smoa":
         raise ConfigError("--plan-dtype applies to --format smoa only")
-    peft = read_peft_dir(src, peft_type)
+    mlx_model, _, config, model_dir = load_base(model)
+    check_model_type(config.get("model_type"))
+    peft = read_peft_dir(src, peft_type, config["model_type"])
     note = peft.cast_note()
     if note:
         log(note)
-    mlx_model, _, config, model_dir = load_base(model)
-    check_model_type(config.get("model_type"))
+    dropped = peft.drop_unseen()
+    if dropped:
+        log(f"note: left out {dropped} tensors of {peft.weights_file} on modules mlx-lm's "
+            f"{config['model_type']} model does not have (vision tower); text logits are unaffected")
     extra = {"plan_dtype": plan_dtype} if plan_dtype else {}
     with staged_dir(out) as tmp:
         report = importer(mlx_model, peft, model, tmp, log=log, **extra)

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..adapters import save_adapter, smoa_config
+from ..archs import model_type
 from ..patch import apply_smoa, smoa_layers
 from ..errors import AdapterError
 from ..layouts.names import peft_key, target_modules
@@ -38,14 +39,15 @@ def import_hira(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
     cfg.refuse({"fan_in_fan_out": (None,), "modules_to_save": (None,)})
     shapes = linear_shapes(model)
     paths = cfg.targets(list(shapes))
-    ranks = {p: _rank(peft.tensors.get(peft_key(p, "hira_A")), cfg, p) for p in paths}
-    peft.check(*factor_shapes(paths, shapes, ranks, "hira_A", "hira_B"))
+    mt = cfg.model_type
+    ranks = {p: _rank(peft.tensors.get(peft_key(p, "hira_A", mt)), cfg, p) for p in paths}
+    peft.check(*factor_shapes(paths, shapes, ranks, "hira_A", "hira_B", mt))
     rank = max(ranks.values())
     apply_smoa(model, keys=paths, rank=rank, num_blocks=1, alpha=rank, dropout=cfg.dropout)
     for p, layer in smoa_layers(model).items():
         rows, cols = np.array(layer.row_order), np.array(layer.col_order)
-        a = peft.tensors[peft_key(p, "hira_A")][:, cols]
-        b = peft.tensors[peft_key(p, "hira_B")][rows]
+        a = peft.tensors[peft_key(p, "hira_A", mt)][:, cols]
+        b = peft.tensors[peft_key(p, "hira_B", mt)][rows]
         layer.smoa_a = [mx.array(pad_rank(a, rank, 0))]
         layer.smoa_b = [mx.array(pad_rank(b, rank, 1))]
     if len(set(ranks.values())) > 1:
@@ -63,7 +65,7 @@ def export_hira(model, base: str, out_dir, log=print) -> dict:
             "update is block-diagonal and has no HiRA form. Export --format smoa (exact) or "
             "--format lora --rank R (lossy) instead"
         )
-    tensors = {}
+    tensors, mt = {}, model_type(model)
     for p, m in layers.items():
         rows, cols = np.array(m.row_order), np.array(m.col_order)
         a = np.array(m.smoa_a[0].astype(mx.float32))
@@ -71,14 +73,14 @@ def export_hira(model, base: str, out_dir, log=print) -> dict:
         hira_a, hira_b = np.empty_like(a), np.empty_like(b)
         hira_a[:, cols] = a
         hira_b[rows] = b
-        tensors[peft_key(p, "hira_A")] = hira_a
-        tensors[peft_key(p, "hira_B")] = hira_b
+        tensors[peft_key(p, "hira_A", mt)] = hira_a
+        tensors[peft_key(p, "hira_B", mt)] = hira_b
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base,
         "r": params["rank"],
-        "target_modules": target_modules(layers, list(linear_shapes(model))),
+        "target_modules": target_modules(layers, list(linear_shapes(model)), mt),
         "hira_dropout": params["dropout"],
         "fan_in_fan_out": False,
         "init_weights": True,

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..adapters import smoa_config
+from ..archs import model_type
 from ..files import write_json
 from ..patch import smoa_layers
 from ..errors import ConfigError
@@ -49,14 +50,15 @@ def import_lora(model, peft: PeftDir, base: str, out_dir, log=print) -> dict:
     paths = cfg.targets(list(shapes))
     ranks = {p: cfg.rank_of(p) for p in paths}
     scales = {p: peft_scale(cfg.alpha_of(p), ranks[p], cfg.use_rslora) for p in paths}
-    peft.check(*factor_shapes(paths, shapes, ranks, "lora_A.weight", "lora_B.weight"))
+    mt = cfg.model_type
+    peft.check(*factor_shapes(paths, shapes, ranks, "lora_A.weight", "lora_B.weight", mt))
     rank, scale = max(ranks.values()), peft_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora)
     if scale == 0:
         raise ConfigError(f"{cfg.path}: lora_alpha is 0, the adapter is a no-op")
     weights = {}
     for p in paths:
-        a = peft.tensors[peft_key(p, "lora_A.weight")]
-        b = peft.tensors[peft_key(p, "lora_B.weight")]
+        a = peft.tensors[peft_key(p, "lora_A.weight", mt)]
+        b = peft.tensors[peft_key(p, "lora_B.weight", mt)]
         if scales[p] != scale:
             b = b * np.float32(scales[p] / scale)
         weights[f"{p}.lora_a"] = pad_rank(a.T, rank, 1)
@@ -93,7 +95,7 @@ def export_lora(model, base: str, out_dir, rank=None, log=print) -> dict:
     rank = params["rank"] if rank is None else int(rank)
     if rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {rank}")
-    tensors, errors, err_sq, norm_sq = {}, {}, 0.0, 0.0
+    tensors, errors, err_sq, norm_sq, mt = {}, {}, 0.0, 0.0, model_type(model)
     for p, m in layers.items():
         delta = np.array(m.delta_weight().astype(mx.float32), dtype=np.float64)
         b, a = low_rank(delta, rank)
@@ -101,8 +103,8 @@ def export_lora(model, base: str, out_dir, rank=None, log=print) -> dict:
         norm = np.linalg.norm(delta)
         errors[p] = err / norm if norm > 0 else 0.0
         err_sq, norm_sq = err_sq + err**2, norm_sq + norm**2
-        tensors[peft_key(p, "lora_A.weight")] = a
-        tensors[peft_key(p, "lora_B.weight")] = b
+        tensors[peft_key(p, "lora_A.weight", mt)] = a
+        tensors[peft_key(p, "lora_B.weight", mt)] = b
         log(f"{p}: relative Frobenius error {errors[p]:.3e}")
     overall = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
     log(f"rank-{rank} LoRA approximation of the SMoA update: overall relative Frobenius error {overall:.3e}")
@@ -114,7 +116,7 @@ def export_lora(model, base: str, out_dir, rank=None, log=print) -> dict:
         "lora_alpha": rank,
         "use_rslora": False,
         "lora_dropout": params["dropout"],
-        "target_modules": target_modules(layers, list(linear_shapes(model))),
+        "target_modules": target_modules(layers, list(linear_shapes(model)), mt),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_dora": False,

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..archs import model_type
 from ..errors import ModelError
 from ..files import read_config
 from ..layer import adapter_layers, base_weight
@@ -84,18 +85,19 @@ def measure(fmt: str, model_dir, mlx_model, torch_adapter, plan_dtype=None) -> d
     tmodel = torch_model(fmt, model_dir, torch_adapter, plan_dtype)
     prefix = "" if fmt == "smoa" else PEFT_PREFIX
     rng = np.random.default_rng(1)
-    layers = {}
+    layers, mt = {}, model_type(mlx_model)
     for path, m in adapter_layers(mlx_model).items():
         w0 = np.array(base_weight(m.linear).astype(mx.float32), np.float64)
         x = rng.standard_normal((PROBE_ROWS, w0.shape[1])).astype(np.float32)
         y_mlx = np.array(m(mx.array(x)).astype(mx.float32))
         with torch.no_grad():
-            y_torch = tmodel.get_submodule(prefix + hf_path(path))(torch.from_numpy(x)).numpy()
+            y_torch = tmodel.get_submodule(prefix + hf_path(path, mt))(torch.from_numpy(x)).numpy()
         update = y_torch - x.astype(np.float64) @ w0.T
         if "bias" in m.linear:
             update -= np.array(m.linear.bias.astype(mx.float32))
         layers[path] = float(np.max(np.abs(y_mlx - y_torch)) / max(np.max(np.abs(update)), 1e-30))
-    vocab = read_config(Path(model_dir) / "config.json").get("vocab_size")
+    config = read_config(Path(model_dir) / "config.json")
+    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))  # gemma3: text_config
     if not isinstance(vocab, int):
         raise ModelError(f"{Path(model_dir) / 'config.json'}: no integer vocab_size to draw probe tokens from")
     tokens = probe_tokens(vocab)

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..adapters import save_adapter, smoa_config
+from ..archs import model_type
 from ..layouts.names import peft_key, target_modules
 from ..layouts.peft_io import PeftDir, write_peft_dir
 from ..layouts.smoa import ORDERS, PEFT_TYPE, block_key, describe_gaps, plan_orders, read_smoa
@@ -67,14 +68,14 @@ def export_smoa(model, base: str, out_dir, log=print) -> dict:
     """Write the SMoA layers of `model` in the authors' layout, plus the orders file."""
     layers = smoa_layers(model)
     params = smoa_config(model)["smoa_parameters"]
-    tensors, orders = {}, {}
+    tensors, orders, mt = {}, {}, model_type(model)
     for path, m in layers.items():
         for k, (a, b) in enumerate(zip(m.smoa_a, m.smoa_b)):
             if a.shape[0]:
-                tensors[block_key(path, "A", k)] = np.array(a.astype(mx.float32))
-                tensors[block_key(path, "B", k)] = np.array(b.astype(mx.float32))
-        orders[peft_key(path, "row_order")] = np.array(m.row_order).astype(np.int64)
-        orders[peft_key(path, "col_order")] = np.array(m.col_order).astype(np.int64)
+                tensors[block_key(path, "A", k, mt)] = np.array(a.astype(mx.float32))
+                tensors[block_key(path, "B", k, mt)] = np.array(b.astype(mx.float32))
+        orders[peft_key(path, "row_order", mt)] = np.array(m.row_order).astype(np.int64)
+        orders[peft_key(path, "col_order", mt)] = np.array(m.col_order).astype(np.int64)
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",
@@ -84,7 +85,7 @@ def export_smoa(model, base: str, out_dir, log=print) -> dict:
         "branch_ranks": params["branch_ranks"],
         "lora_alpha": _number(params["alpha"]),
         "lora_dropout": params["dropout"],
-        "target_modules": target_modules(layers, list(linear_shapes(model))),
+        "target_modules": target_modules(layers, list(linear_shapes(model)), mt),
         "fan_in_fan_out": False,
         "bias": "none",
         "modules_to_save": None,

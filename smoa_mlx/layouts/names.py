@@ -1,9 +1,12 @@
 """Module paths across frameworks, and PEFT's rules for which modules an adapter targets.
 
-mlx-lm names the modules of the models below exactly as Hugging Face does
-(`model.layers.3.self_attn.q_proj`), so a PEFT key is `base_model.model.` + that
-path + a tensor suffix. Every crossing of the boundary goes through `hf_path` /
-`mlx_path`, so a model family with different names needs one change here.
+mlx-lm names the modules of most models exactly as Hugging Face does
+(`model.layers.3.self_attn.q_proj`); a wrapper model may nest them differently
+(mlx-lm's gemma3 `language_model.model.layers.3...` is transformers 5's
+`model.language_model.layers.3...`). A PEFT key is `base_model.model.` + the
+transformers path + a tensor suffix. Every crossing of the boundary goes through
+`hf_path` / `mlx_path` with the model type, so a family with other names needs
+one entry in RENAMES.
 """
 
 from __future__ import annotations
@@ -15,15 +18,27 @@ from ..errors import AdapterError, ModelError
 PEFT_PREFIX = "base_model.model."
 # mlx-lm model types whose module and parameter names equal the transformers ones (for the MoE
 # types: every module but the experts and routers; tests/test_convert_archs.py checks each).
-SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
-              "qwen2_moe", "qwen3_moe", "mixtral")
+SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
+              "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
+# model type -> (mlx-lm module prefix, transformers module prefix) pairs for wrapper models. Their
+# transformers model holds modules mlx-lm drops (gemma3: the vision tower), so an exported
+# target_modules is scoped to SCOPE, where the decoder layers live.
+RENAMES = {
+    "gemma3": (("language_model.model", "model.language_model"), ("language_model.lm_head", "lm_head")),
+}
+SCOPE = {"gemma3": "model.language_model"}
+KNOWN = SAME_NAMES + tuple(RENAMES)
+# model type -> submodules of transformers' `model` that mlx-lm's model drops (checkpoint keys
+# `<name>.*`, module paths `model.<name>.*`): `fuse --hf` copies their weights from the base,
+# import leaves out an adapter's tensors on them (they cannot change the text logits).
+UNSEEN = {"gemma3": ("vision_tower", "multi_modal_projector")}
 
 
 def check_model_type(model_type: str | None) -> None:
-    if model_type not in SAME_NAMES:
+    if model_type not in KNOWN:
         raise ModelError(
             f"model type {model_type!r}: mlx-lm and Hugging Face module names are only "
-            f"known to agree for {', '.join(SAME_NAMES)}"
+            f"known for {', '.join(KNOWN)}"
         )
 
 
@@ -42,18 +57,32 @@ def check_peft_targets(adapter, paths, expert_paths) -> None:
         )
 
 
-def hf_path(path: str) -> str:
+def _rename(path: str, pairs) -> str:
+    for old, new in pairs:
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
+def hf_path(path: str, model_type: str | None) -> str:
     """The transformers module path of an mlx-lm module path (identical for SAME_NAMES)."""
-    return path
+    return _rename(path, RENAMES.get(model_type, ()))
 
 
-def mlx_path(path: str) -> str:
-    return path
+def mlx_path(path: str, model_type: str | None) -> str:
+    """The mlx-lm module path of a transformers one (unchanged if mlx-lm has no such prefix)."""
+    return _rename(path, [(hf, mlx) for mlx, hf in RENAMES.get(model_type, ())])
 
 
-def peft_key(path: str, leaf: str) -> str:
+def unseen(key: str, model_type: str | None) -> bool:
+    """Whether PEFT key `key` is on a module the mlx-lm model of `model_type` lacks."""
+    path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return any(path.startswith(f"model.{name}.") for name in UNSEEN.get(model_type, ()))
+
+
+def peft_key(path: str, leaf: str, model_type: str | None) -> str:
     """The key PEFT saves for tensor `leaf` of the adapter on mlx-lm module `path`."""
-    return f"{PEFT_PREFIX}{hf_path(path)}.{leaf}"
+    return f"{PEFT_PREFIX}{hf_path(path, model_type)}.{leaf}"
 
 
 def natural_key(path: str):
@@ -98,12 +127,17 @@ def select_targets(paths, targets, exclude=None, layers=None, layers_pattern=Non
     return selected
 
 
-def target_modules(selected, paths) -> list[str]:
-    """The config entry for `selected`: short names when they select exactly it, else full paths."""
-    selected = list(selected)
+def target_modules(selected, paths, model_type: str | None) -> list[str] | str:
+    """The config entry for mlx-lm modules `selected` among `paths`, in transformers names:
+    short names when they select exactly it (within SCOPE, as a regex, for a wrapper model
+    whose other modules mlx-lm never sees), else full paths."""
+    selected = [hf_path(p, model_type) for p in selected]
+    paths = [hf_path(p, model_type) for p in paths]
     short = sorted({p.rsplit(".", 1)[-1] for p in selected})
-    if set(select_targets(paths, short)) == set(selected):
-        return short
+    scope = SCOPE.get(model_type)
+    entry = short if scope is None else rf"{re.escape(scope)}\..*\.({'|'.join(map(re.escape, short))})"
+    if set(select_targets(paths, entry)) == set(selected):
+        return entry
     return selected
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import AdapterError, ConfigError, MissingFileError
 from ..files import read_config, write_json
 from .fields import Fields
-from .names import pattern_value, peft_key, select_targets
+from .names import hf_path, pattern_value, peft_key, select_targets, unseen
 from .tensors import check_tensors, read_tensors, write_tensors
 
 CONFIG = "adapter_config.json"
@@ -44,10 +44,11 @@ class PeftConfig:
     use_rslora: bool
     num_blocks: int  # SMoA only
     branch_ranks: list[int] | None  # SMoA only
+    model_type: str | None  # of the base, whose transformers names the adapter's rules match
 
     @classmethod
-    def parse(cls, raw: dict, path, peft_type: str) -> "PeftConfig":
-        """Check `raw` (the JSON object in `path`) for an adapter of `peft_type`."""
+    def parse(cls, raw: dict, path, peft_type: str, model_type: str | None) -> "PeftConfig":
+        """Check `raw` (the JSON object in `path`) for an adapter of `peft_type` on a `model_type` base."""
         found = raw.get("peft_type")
         if str(found).upper() != peft_type:
             raise ConfigError(f"{path}: peft_type is {found!r}, expected {peft_type!r}")
@@ -68,22 +69,24 @@ class PeftConfig:
             use_rslora=bool(raw.get("use_rslora")),
             num_blocks=f.number("num_blocks", 2, int, minimum=1),
             branch_ranks=f.ints("branch_ranks"),
+            model_type=model_type,
         )
 
     def targets(self, paths) -> list[str]:
-        """The modules among `paths` this adapter adapts, by PEFT's matching rules."""
-        selected = select_targets(paths, self.target_modules, self.exclude_modules,
-                                  self.layers_to_transform, self.layers_pattern)
+        """The mlx-lm modules among `paths` this adapter adapts, by PEFT's rules on their transformers names."""
+        hf = {hf_path(p, self.model_type): p for p in paths}
+        selected = [hf[p] for p in select_targets(list(hf), self.target_modules, self.exclude_modules,
+                                                  self.layers_to_transform, self.layers_pattern)]
         if not selected:
             raise ConfigError(f"{self.path}: target_modules {self.target_modules!r} match no linear "
                               "layer of the base model")
         return selected
 
     def rank_of(self, path: str) -> int:
-        return pattern_value(self.rank_pattern, path, self.r)
+        return pattern_value(self.rank_pattern, hf_path(path, self.model_type), self.r)
 
     def alpha_of(self, path: str) -> float:
-        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return pattern_value(self.alpha_pattern, hf_path(path, self.model_type), self.lora_alpha)
 
     def refuse(self, allowed: dict) -> None:
         """Refuse options a converter cannot represent: `allowed` maps key -> accepted values.
@@ -107,6 +110,14 @@ class PeftDir:
     def weights_file(self) -> Path:
         return self.path / WEIGHTS
 
+    def drop_unseen(self) -> int:
+        """Leave out the tensors on modules the mlx-lm model lacks (gemma3's vision tower, which
+        PEFT's short target names reach too); returns how many."""
+        dropped = [k for k in self.tensors if unseen(k, self.config.model_type)]
+        for k in dropped:
+            del self.tensors[k]
+        return len(dropped)
+
     def check(self, expected: dict, why: dict) -> None:
         """The weights file holds exactly the `expected` tensors (name -> shape)."""
         check_tensors(self.tensors, expected, self.weights_file, why,
@@ -121,12 +132,12 @@ class PeftDir:
                 "the dtype the adapter is imported in")
 
 
-def factor_shapes(paths, shapes: dict, ranks: dict, a_leaf: str, b_leaf: str) -> tuple[dict, dict]:
+def factor_shapes(paths, shapes: dict, ranks: dict, a_leaf: str, b_leaf: str, model_type) -> tuple[dict, dict]:
     """Expected shapes of each module's A (r, d_in) and B (d_out, r) under PEFT keys, and why."""
     expected, why = {}, {}
     for p in paths:
         (d_out, d_in), r = shapes[p], ranks[p]
-        a, b = peft_key(p, a_leaf), peft_key(p, b_leaf)
+        a, b = peft_key(p, a_leaf, model_type), peft_key(p, b_leaf, model_type)
         expected[a], expected[b] = (r, d_in), (d_out, r)
         why[a] = why[b] = f"{p} is {shapes[p]} in the base model, r={r}"
     return expected, why
@@ -141,8 +152,9 @@ def _refuse_pickle(path: Path):
     )
 
 
-def read_peft_dir(src, peft_type: str) -> PeftDir:
-    """The config and tensors of a PEFT adapter directory whose peft_type must be `peft_type`."""
+def read_peft_dir(src, peft_type: str, model_type: str | None) -> PeftDir:
+    """The config and tensors of a PEFT adapter directory whose peft_type must be `peft_type`,
+    for a base of `model_type` (whose transformers names its keys use)."""
     src = Path(src)
     if src.is_file():
         if src.suffix in PICKLES:
@@ -155,7 +167,7 @@ def read_peft_dir(src, peft_type: str) -> PeftDir:
             if p.suffix in PICKLES:
                 _refuse_pickle(p)
         raise MissingFileError(f"{src / WEIGHTS}: file not found")
-    config = PeftConfig.parse(read_config(src / CONFIG), src / CONFIG, peft_type)
+    config = PeftConfig.parse(read_config(src / CONFIG), src / CONFIG, peft_type, model_type)
     tensors, dtypes = read_tensors(src / WEIGHTS)
     return PeftDir(src, config, tensors, dtypes)
 

@@ -42,15 +42,15 @@ class SMoAAdapter:
     orders: dict[str, tuple[np.ndarray, np.ndarray]] | None  # from ORDERS, when present
 
 
-def block_key(path: str, side: str, k: int) -> str:
-    return peft_key(path, f"lora_{side}.{k}.weight")
+def block_key(path: str, side: str, k: int, model_type: str | None) -> str:
+    return peft_key(path, f"lora_{side}.{k}.weight", model_type)
 
 
 def read_smoa(peft: PeftDir, shapes: dict[str, tuple[int, int]]) -> SMoAAdapter:
     """Validate an authors'-layout adapter against the base's linear `shapes` and parse it."""
     cfg = peft.config
     cfg.refuse({"fan_in_fan_out": (None,), "bias": ("none", None), "modules_to_save": (None,)})
-    rank, num_blocks = cfg.r, cfg.num_blocks
+    rank, num_blocks, mt = cfg.r, cfg.num_blocks, cfg.model_type
     try:
         ranks = split_rank(rank, num_blocks, cfg.branch_ranks)
     except ValueError as e:
@@ -65,26 +65,26 @@ def read_smoa(peft: PeftDir, shapes: dict[str, tuple[int, int]]) -> SMoAAdapter:
     for path, per_block in sizes.items():
         for k, (r, o, i) in enumerate(per_block):
             if r:  # the authors' layer has no parameters for a rank-0 block
-                a, b = block_key(path, "A", k), block_key(path, "B", k)
+                a, b = block_key(path, "A", k, mt), block_key(path, "B", k, mt)
                 expected[a], expected[b] = (r, i), (o, r)
                 why[a] = why[b] = f"block {k} of {path} {shapes[path]} with r_{k}={r}"
     peft.check(expected, why)
     get = peft.tensors.get
     blocks = {
-        path: ([get(block_key(path, "A", k), np.zeros((0, i), np.float32)) for k, (r, o, i) in enumerate(b)],
-               [get(block_key(path, "B", k), np.zeros((o, 0), np.float32)) for k, (r, o, i) in enumerate(b)])
+        path: ([get(block_key(path, "A", k, mt), np.zeros((0, i), np.float32)) for k, (r, o, i) in enumerate(b)],
+               [get(block_key(path, "B", k, mt), np.zeros((o, 0), np.float32)) for k, (r, o, i) in enumerate(b)])
         for path, b in sizes.items()
     }
     orders_file = peft.path / ORDERS
-    orders = _read_orders(orders_file, list(sizes), shapes) if orders_file.is_file() else None
+    orders = _read_orders(orders_file, list(sizes), shapes, mt) if orders_file.is_file() else None
     return SMoAAdapter(rank, num_blocks, ranks, cfg.lora_alpha, cfg.dropout, blocks, orders)
 
 
-def _read_orders(path, paths, shapes) -> dict:
+def _read_orders(path, paths, shapes, model_type) -> dict:
     tensors, _ = read_tensors(path)
+    keys = {p: (peft_key(p, "row_order", model_type), peft_key(p, "col_order", model_type)) for p in paths}
     expected, why = {}, {}
-    for p in paths:
-        rows, cols = peft_key(p, "row_order"), peft_key(p, "col_order")
+    for p, (rows, cols) in keys.items():
         expected[rows], expected[cols] = (shapes[p][0],), (shapes[p][1],)
         why[rows], why[cols] = f"d_out of {p}", f"d_in of {p}"
     check_tensors(tensors, expected, path, why)
@@ -92,7 +92,7 @@ def _read_orders(path, paths, shapes) -> dict:
         t = tensors[key]
         if t.dtype.kind != "i" or not np.array_equal(np.sort(t), np.arange(len(t))):
             raise AdapterError(f"{path}: {key} is not a permutation of integer indices")
-    return {p: (tensors[peft_key(p, "row_order")], tensors[peft_key(p, "col_order")]) for p in paths}
+    return {p: (tensors[rows], tensors[cols]) for p, (rows, cols) in keys.items()}
 
 
 def plan_orders(weights: dict[str, np.ndarray], num_blocks: int) -> tuple[dict, dict]:

@@ -77,9 +77,10 @@ def apply_adapter(model: nn.Module, adapter_dir, plan_dtype: str | None = None) 
     Orders missing from the files are recomputed from the float32 weights, first
     rounded to `plan_dtype` ("bfloat16", "float16") if given.
     """
-    check_model_type(getattr(model.config, "model_type", None))
-    peft = read_peft_dir(adapter_dir, PEFT_TYPE)
-    linears = {mlx_path(n): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    mt = getattr(model.config, "model_type", None)
+    check_model_type(mt)
+    peft = read_peft_dir(adapter_dir, PEFT_TYPE, mt)
+    linears = {mlx_path(n, mt): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     adapter = read_smoa(peft, {p: tuple(m.weight.shape) for p, m in linears.items()})
     report = {"orders": ORDERS}
     orders = adapter.orders
@@ -91,7 +92,7 @@ def apply_adapter(model: nn.Module, adapter_dir, plan_dtype: str | None = None) 
                   "order_gap": gaps["order_gap"][0], "at_risk": gaps["at_risk"]}
     for p, (a, b) in adapter.blocks.items():
         layer = SMoALinear(linears[p], *orders[p], a, b, adapter.alpha, adapter.rank, adapter.dropout)
-        _replace(model, hf_path(p), layer.train(linears[p].training))
+        _replace(model, hf_path(p, mt), layer.train(linears[p].training))
     return report
 
 
