@@ -123,6 +123,10 @@ def test_moe_expert_adapter_exports_as_peft_lora_target_parameters(model_type, t
     base_dir = hf_model_dir(model_type, tmp_path)
     logits, paths = adapted(base_dir, tmp_path / "ad", num_blocks=2, keys=list(MOE_KEYS[model_type] + EXPERTS))
     assert len(paths) == 2 * len(MOE_KEYS[model_type] + EXPERTS)
+    config = tmp_path / "ad" / "adapter_config.json"  # trained with dropout, which ParamWrapper refuses
+    raw = json.loads(config.read_text())
+    raw["smoa_parameters"]["dropout"] = 0.1
+    config.write_text(json.dumps(raw))
     # rank 32 >= min(d_out, d_in) of every layer and fused expert parameter: exact
     round_trip("lora", base_dir, tmp_path / "ad", logits, tmp_path, rank=32)
     config = json.loads((tmp_path / "ad-lora" / "adapter_config.json").read_text())
