@@ -101,6 +101,7 @@ def test_moe_expert_or_router_adapter_is_refused_in_one_line(model_type, keys, t
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     expert = f"model.layers.0.{moe}." + ("gate" if keys else "switch_mlp.down_proj")
     what = "routers" if keys else "experts"
+    capsys.readouterr()  # the checkpoint's progress bars
     with pytest.raises(AdapterError, match=rf"MoE {what} \(e\.g\. {expert}\).*fuse --hf"):
         export_adapter("smoa", str(base_dir), tmp_path / "ad", tmp_path / "out", **QUIET)
     for fmt in ("hira", "lora") if keys else ("hira",):

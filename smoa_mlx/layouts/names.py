@@ -51,8 +51,8 @@ def check_peft_targets(adapter, paths, expert_paths, fmt: str) -> None:
     if expert_paths and fmt != "lora":
         raise AdapterError(
             f"{adapter}: {len(expert_paths)} adapted modules are MoE experts (e.g. {list(expert_paths)[0]}), "
-            f"which PEFT's {fmt} cannot target; export --format lora (experts as target_parameters), "
-            "use `fuse --hf`, or train with --targets without them"
+            f"for which the {fmt} layout has no form; export --format lora (experts as PEFT "
+            "target_parameters), use `fuse --hf`, or train with --targets without them"
         )
 
 
