@@ -87,7 +87,8 @@ def export_adapter(fmt: str, model: str, adapter_path, out, rank=None, measure_p
         raise AdapterError(f"{adapter_path}: export needs an SMoA adapter, this one is fine_tune_type {kind!r}")
     mlx_model, _, config, model_dir = load_base(model, adapter_path)
     check_model_type(config.get("model_type"))
-    check_peft_targets(adapter_path, adapter_layers(mlx_model), adapter_layers(mlx_model, SMoASwitchLinear))
+    check_peft_targets(adapter_path, adapter_layers(mlx_model), adapter_layers(mlx_model, SMoASwitchLinear),
+                       fmt)
     if "quantization" in config:
         log("note: the base is quantized; the anchors here are its de-quantized weights, while "
             "PyTorch uses the float checkpoint's, so expect small differences there")

@@ -10,7 +10,7 @@ from . import FORMATS, export_adapter, import_adapter
 
 FORMAT_HELP = (
     "smoa: the authors' PyTorch SMoA layout; hira: Hugging Face PEFT HiRA (num_blocks = 1 only); "
-    "lora: Hugging Face PEFT LoRA (export is a lossy rank-R approximation)"
+    "lora: Hugging Face PEFT LoRA (export is a lossy rank-R approximation; MoE experts as target_parameters)"
 )
 
 

@@ -5,23 +5,27 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from ..layer import adapter_layers, base_weight
 
 
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every plain or quantized linear layer, without de-quantizing.
+def linear_shapes(model: nn.Module, experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """(d_out, d_in) of every plain or quantized linear layer, without de-quantizing; with
+    `experts`, (E, d_out, d_in) of every MoE expert layer (SwitchLinear) instead.
 
     A layer wrapped by an adapter (SMoA, LoRA: `wrapper.linear`) is listed under the
     wrapper's path, the module path the adapter files use.
     """
     wrapped = {f"{p}.linear": p for p, m in adapter_layers(model).items()}
+    plain, quantized = ((SwitchLinear, QuantizedSwitchLinear) if experts
+                        else (nn.Linear, nn.QuantizedLinear))
     shapes = {}
     for path, m in model.named_modules():
         path = wrapped.get(path, path)
-        if isinstance(m, nn.QuantizedLinear):
-            shapes[path] = (m.weight.shape[0], m.weight.shape[1] * 32 // m.bits)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, quantized):
+            shapes[path] = (*m.weight.shape[:-1], m.weight.shape[-1] * 32 // m.bits)
+        elif isinstance(m, plain):
             shapes[path] = tuple(m.weight.shape)
     return shapes
 

@@ -44,17 +44,51 @@ def check_model_type(model_type: str | None) -> None:
 
 # MoE routers: a linear layer in mlx-lm, a TopKRouter module (not nn.Linear) in transformers 5.
 ROUTER = re.compile(r".*\.(mlp|block_sparse_moe)\.gate")
+# MoE experts: mlx-lm's stacked switch_mlp.{gate,up,down}_proj (E, out, in) are, in transformers 5,
+# the 3-D parameters experts.gate_up_proj (gate rows, then up rows) and experts.down_proj of the
+# MoE block (mixtral's is `block_sparse_moe` in mlx-lm, `mlp` in transformers), which PEFT's LoRA
+# targets with `target_parameters`. EXPERT_PARAMS is their declaration order, in which PEFT nests
+# the wrappers of one module's parameters (the first innermost).
+SWITCH = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.switch_mlp\.(gate_proj|up_proj|down_proj)")
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
-def check_peft_targets(adapter, paths, expert_paths) -> None:
-    """PEFT targets only linear modules: transformers 5 stores MoE experts fused as 3-D
-    parameters and routers as router modules, so an adapter on them has no PyTorch layout."""
-    bad = list(expert_paths) + [p for p in paths if ROUTER.fullmatch(p)]
-    if bad:
+def check_peft_targets(adapter, paths, expert_paths, fmt: str) -> None:
+    """PEFT targets linear modules, and LoRA alone 3-D parameters: routers (router modules in
+    transformers 5) have no PyTorch layout, MoE experts only a LoRA one."""
+    routers = [p for p in paths if ROUTER.fullmatch(p)]
+    if routers:
         raise AdapterError(
-            f"{adapter}: {len(bad)} adapted modules are MoE experts or routers (e.g. {bad[0]}), "
-            "which PEFT cannot target; use `fuse --hf` instead, or train with --targets without them"
+            f"{adapter}: {len(routers)} adapted modules are MoE routers (e.g. {routers[0]}), TopKRouter "
+            "modules in transformers 5 that PEFT cannot target; use `fuse --hf` instead, or train with "
+            "--targets without them"
         )
+    if expert_paths and fmt != "lora":
+        raise AdapterError(
+            f"{adapter}: {len(expert_paths)} adapted modules are MoE experts (e.g. {list(expert_paths)[0]}), "
+            f"for which the {fmt} layout has no form; export --format lora (experts as PEFT "
+            "target_parameters), use `fuse --hf`, or train with --targets without them"
+        )
+
+
+def hf_expert(path: str) -> tuple[str, int | None]:
+    """(transformers parameter path, half) of mlx-lm expert layer `path`: half 0 / 1 are the
+    gate / up rows of `gate_up_proj`, None the whole `down_proj`."""
+    m = SWITCH.fullmatch(path)
+    if m is None:
+        raise ModelError(f"{path}: not an MoE expert layer (mlp.switch_mlp.<gate|up|down>_proj) of a known family")
+    if m[2] == "down_proj":
+        return f"{m[1]}.mlp.experts.down_proj", None
+    return f"{m[1]}.mlp.experts.gate_up_proj", 0 if m[2] == "gate_proj" else 1
+
+
+def peft_param_key(param: str, targeted, leaf: str) -> str:
+    """The key PEFT saves tensor `leaf` of the LoRA on 3-D parameter `param` (a transformers
+    path) under, `targeted` being every parameter the adapter targets: one `base_layer.` per
+    targeted parameter of the same module that PEFT wraps around it (EXPERT_PARAMS order)."""
+    module, name = param.rsplit(".", 1)
+    outer = [n for n in EXPERT_PARAMS[EXPERT_PARAMS.index(name) + 1:] if f"{module}.{n}" in targeted]
+    return f"{PEFT_PREFIX}{module}.{'base_layer.' * len(outer)}{leaf}"
 
 
 def _rename(path: str, pairs) -> str:

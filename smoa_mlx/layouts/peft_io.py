@@ -33,7 +33,8 @@ class PeftConfig:
     raw: dict  # every key, for the options a converter refuses
     peft_type: str
     r: int
-    target_modules: list[str] | str  # names, or one regex over the whole path
+    target_modules: list[str] | str | None  # names, or one regex over the whole path
+    target_parameters: list[str] | None  # LoRA on 3-D parameters (MoE experts), by name
     exclude_modules: list[str] | str | None
     layers_to_transform: list[int] | None
     layers_pattern: list[str] | str | None
@@ -53,12 +54,15 @@ class PeftConfig:
         if str(found).upper() != peft_type:
             raise ConfigError(f"{path}: peft_type is {found!r}, expected {peft_type!r}")
         f = Fields(raw, path)
-        f.require("r", "target_modules")
+        if raw.get("target_parameters") and peft_type != "LORA":
+            raise ConfigError(f"{path}: target_parameters is a LoRA option, which {peft_type} does not have")
+        f.require("r", *([] if raw.get("target_parameters") else ["target_modules"]))
         layers = raw.get("layers_to_transform")
         return cls(
             path=Path(path), raw=raw, peft_type=peft_type,
             r=f.number("r", None, int, minimum=1),
-            target_modules=f.names("target_modules", regex_ok=True),
+            target_modules=f.names("target_modules", regex_ok=True, optional=True),
+            target_parameters=f.names("target_parameters", optional=True),
             exclude_modules=f.names("exclude_modules", regex_ok=True, optional=True),
             layers_to_transform=f.ints("layers_to_transform") if not isinstance(layers, int) else [layers],
             layers_pattern=f.names("layers_pattern", regex_ok=True, optional=True, patterns=True),
@@ -73,7 +77,10 @@ class PeftConfig:
         )
 
     def targets(self, paths) -> list[str]:
-        """The mlx-lm modules among `paths` this adapter adapts, by PEFT's rules on their transformers names."""
+        """The mlx-lm modules among `paths` this adapter adapts, by PEFT's rules on their
+        transformers names (none when it only targets parameters)."""
+        if self.target_modules is None:
+            return []
         hf = {hf_path(p, self.model_type): p for p in paths}
         selected = [hf[p] for p in select_targets(list(hf), self.target_modules, self.exclude_modules,
                                                   self.layers_to_transform, self.layers_pattern)]

@@ -101,8 +101,9 @@ def check_tensors(tensors: dict, expected: dict, where, why: dict | None = None,
 
 
 def pad_rank(x: np.ndarray, rank: int, axis: int) -> np.ndarray:
-    """Zero-pad the rank axis of a low-rank factor to `rank` (the product is unchanged)."""
-    widths = [(0, 0), (0, 0)]
+    """Zero-pad the rank axis of a low-rank factor (or a stack of them) to `rank` (the product
+    is unchanged)."""
+    widths = [(0, 0)] * x.ndim
     widths[axis] = (0, rank - x.shape[axis])
     return np.pad(x, widths)
 
