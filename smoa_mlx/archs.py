@@ -28,6 +28,11 @@ from .files import read_json, save_safetensors, write_json
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 
+# DeepSeek's multi-head latent attention: the query and key/value input projections, low-rank
+# pairs included (q_proj exists only without q_lora_rank).
+MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+# Gated-delta linear attention layers of hybrid models (Qwen3-Next/3.5): their q|k|v input.
+LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_qkvz")
 # model_type -> default target keys, for architectures whose names differ from Llama's.
 TARGETS = {
     "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
@@ -38,6 +43,17 @@ TARGETS = {
     "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_bigcode": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_neox": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+    "glm": ("q_proj", "k_proj", "v_proj", "gate_up_proj", "down_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
+    "nanochat": ("c_q", "c_k", "c_v", "mlp.c_fc", "mlp.c_proj"),
+    "phixtral": ("Wqkv", "fc1", "fc2"),
+    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "plamo3": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "qwen": ("c_attn", "w1", "mlp.c_proj"),  # w2 is the gate (swiglu(w2 x, w1 x))
+    "talkie": ("attn_query", "attn_key", "attn_value", "mlp_linear", "mlp_resid"),
+    **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
+    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v41",
+                                         "glm4_moe_lite", "youtu_llm", "bailing_moe_v3", "kimi_k25")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).

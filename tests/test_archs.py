@@ -16,7 +16,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes
 
 from smoa_mlx.adapters import load_adapter, save_adapter
-from smoa_mlx.errors import ModelError
+from smoa_mlx.errors import ConfigError, ModelError
 from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.patch import apply_smoa, layer_relative, smoa_layers, target_paths
 
@@ -31,7 +31,7 @@ TINY = dict(
     use_parallel_residual=True, bias=False, sliding_window=64, query_pre_attn_scalar=8,
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, norm_topk_prob=True,
     sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"],
-    attention_bias=False, swiglu_limit=7.0,
+    attention_bias=False, swiglu_limit=7.0, rotary_dim=4,
 )
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 LLAMA = ATTN + ("mlp.up_proj", "mlp.down_proj")
@@ -51,12 +51,25 @@ EXPECTED = {
                          "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
     "mixtral": ATTN + ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj"),
     "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
+    "glm": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "gptj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in", "mlp.fc_out"),
+    "nanochat": ("attn.c_q", "attn.c_k", "attn.c_v", "mlp.c_fc", "mlp.c_proj"),
+    "qwen": ("attn.c_attn", "mlp.w1", "mlp.c_proj"),
+    "plamo3": ("mixer.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    # multi-head latent attention (q_lora_rank unset here: q_a/q_b, kv_a/kv_b pairs)
+    "deepseek_v3": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                    "mlp.up_proj", "mlp.down_proj"),
 }
+# Hybrid: qwen3_5_moe's tiny layers are full attention, then gated-delta (linear attention).
+MOE_QWEN = ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj", "mlp.shared_expert.up_proj",
+            "mlp.shared_expert.down_proj")
+HYBRID = {"qwen3_5_moe": [ATTN + MOE_QWEN, ("linear_attn.in_proj_qkv",) + MOE_QWEN]}
+OVERRIDES = {"qwen": dict(kv_channels=8), "qwen3_5_moe": dict(full_attention_interval=2)}
 TOKENS = mx.array([[1, 5, 9, 12, 40, 7, 3, 30, 2, 8, 13, 21, 34, 55, 6, 11] * 3])
 
 
 def tiny(model_type: str, seed: int = 0) -> nn.Module:
-    config = dict(TINY, model_type=model_type)
+    config = dict(TINY, **OVERRIDES.get(model_type, {}), model_type=model_type)
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
@@ -91,16 +104,17 @@ def randomize_b(model, seed=1):
         layer.smoa_b = [0.5 * mx.random.normal(b.shape) for b in layer.smoa_b]
 
 
-@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+@pytest.mark.parametrize("model_type", sorted(EXPECTED) + sorted(HYBRID))
 def test_architecture(model_type, tmp_path):
     model = tiny(model_type)
     n = len(model.layers)
     base = model(TOKENS)
     params = tree_flatten(model.parameters())
-    want = {f"{layer}.{name}" for layer in _layer_paths(model) for name in EXPECTED[model_type]}
+    per_layer = HYBRID.get(model_type) or [EXPECTED[model_type]] * n
+    want = {f"{layer}.{name}" for layer, names in zip(_layer_paths(model), per_layer) for name in names}
     count = expected_count(model, want, 4, 2)
     summary = apply_smoa(model, rank=4, num_blocks=2, alpha=8.0, progress=False)
-    assert set(smoa_layers(model)) == want and len(want) == n * len(EXPECTED[model_type])
+    assert set(smoa_layers(model)) == want and len(want) == sum(map(len, per_layer))
     assert summary["trainable"] == count
     assert summary["trainable"] == sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     assert mx.array_equal(model(TOKENS), base).item()  # B = 0: exactly the base
@@ -136,7 +150,7 @@ def train_losses(model, optimizer, steps: int = 6) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+@pytest.mark.parametrize("model_type", sorted(EXPECTED) + sorted(HYBRID))
 def test_training_steps_lower_the_loss(model_type):
     model = tiny(model_type)
     apply_smoa(model, rank=4, num_blocks=2, progress=False)
@@ -165,6 +179,32 @@ def test_all_linear_is_every_linear_layer_but_the_head(model_type):
     if model_type == "qwen3_moe":  # routers and experts are linear layers too
         assert "model.layers.0.mlp.gate" in paths and "model.layers.0.mlp.switch_mlp.gate_proj" in paths
     assert target_paths(model, ["all-linear"]) == paths
+
+
+def test_defaults_skip_names_a_model_lacks_but_explicit_targets_are_strict():
+    model = tiny("deepseek_v3")  # multi-head latent attention: no q_proj/k_proj/v_proj
+    assert {layer_relative(p) for p in target_paths(model)} == set(EXPECTED["deepseek_v3"])
+    with pytest.raises(ConfigError, match=r"unknown target module\(s\) \['q_proj'\]"):
+        target_paths(model, ["q_proj", "up_proj"])
+
+
+class _Block(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.mixer = layer
+
+
+class _Stack(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layers = [_Block(layer)]
+
+
+def test_defaults_that_adapt_nothing_in_a_layer_or_no_linear_layers_are_errors():
+    with pytest.raises(ModelError, match=r"adapt nothing in decoder layer\(s\) \[0\]; .*mixer"):
+        target_paths(_Stack(nn.Linear(8, 8)))
+    with pytest.raises(ModelError, match="no linear layers SMoA can adapt"):
+        target_paths(_Stack(nn.Conv1d(8, 8, 1)))
 
 
 def test_unknown_layout_is_an_error():
