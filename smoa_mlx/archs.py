@@ -103,7 +103,7 @@ def layer_index(path: str, layers: dict[str, int]) -> int | None:
 # `fuse --hf` model types: their merged weights load in transformers under mlx-lm's names,
 # once MoE experts are un-stacked (tests/test_archs.py compares the logits for each).
 HF_FUSE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
-           "qwen2_moe", "qwen3_moe", "mixtral")
+           "cohere", "glm4", "phi", "granite", "smollm3", "seed_oss", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 _STACKED = re.compile(r"^(.*)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 

@@ -223,6 +223,10 @@ HF_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_a
                 shared_expert_intermediate_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+# per type: what a hub config of that type sets and the generic tiny one lacks
+HF_EXTRA = {"phi": dict(partial_rotary_factor=0.5), "olmo3": dict(layer_types=["sliding_attention", "full_attention"])}
+
+
 def hf_model_dir(model_type, root):
     """A tiny random transformers model saved as a hub checkpoint, with a tokenizer."""
     import json
@@ -232,13 +236,16 @@ def hf_model_dir(model_type, root):
 
     from smoa_mlx.synthetic import make_tokenizer
 
-    config = transformers.AutoConfig.for_model(
-        model_type, tie_word_embeddings=model_type.startswith("gemma"), **HF_SMALL)
+    config = transformers.AutoConfig.for_model(model_type, **{
+        "tie_word_embeddings": model_type.startswith("gemma") or model_type == "cohere",
+        **HF_SMALL, **HF_EXTRA.get(model_type, {})})
     torch.manual_seed(0)
     path = root / model_type
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     saved = json.loads((path / "config.json").read_text())  # fields hub configs (and mlx-lm) have
     saved.setdefault("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    saved.setdefault("partial_rotary_factor", (saved.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    saved.setdefault("rope_scaling", None)
     if model_type in ("qwen2_moe", "qwen3_moe"):
         saved.setdefault("num_experts", saved["num_local_experts"])
     (path / "config.json").write_text(json.dumps(saved))
@@ -246,7 +253,12 @@ def hf_model_dir(model_type, root):
     return path
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "phi3", "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral"])
+HF_TYPES = ["gemma", "gemma2", "phi3", "starcoder2", "olmo2", "cohere", "glm4", "phi", "granite", "smollm3",
+            "seed_oss"]
+HF_MOE_TYPES = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe"]
+
+
+@pytest.mark.parametrize("model_type", HF_TYPES + HF_MOE_TYPES)
 def test_fuse_hf_loads_in_transformers_with_the_adapted_logits(model_type, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -16,7 +16,8 @@ PEFT_PREFIX = "base_model.model."
 # mlx-lm model types whose module and parameter names equal the transformers ones (for the MoE
 # types: every module but the experts and routers; tests/test_convert_archs.py checks each).
 SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "starcoder2", "olmo2",
-              "qwen2_moe", "qwen3_moe", "mixtral")
+              "cohere", "glm4", "phi", "granite", "smollm3", "seed_oss",
+              "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 
 
 def check_model_type(model_type: str | None) -> None:
