@@ -29,6 +29,11 @@ from .layouts.names import UNSEEN
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
 
+# DeepSeek's multi-head latent attention: the query and key/value input projections, low-rank
+# pairs included (q_proj exists only without q_lora_rank).
+MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+# Gated-delta linear attention layers of hybrid models (Qwen3-Next/3.5): their q|k|v input.
+LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_qkvz")
 # model_type -> default target keys, for architectures whose names differ from Llama's.
 TARGETS = {
     "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
@@ -39,6 +44,17 @@ TARGETS = {
     "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_bigcode": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_neox": ("query_key_value", "dense_h_to_4h", "dense_4h_to_h"),
+    "glm": ("q_proj", "k_proj", "v_proj", "gate_up_proj", "down_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
+    "nanochat": ("c_q", "c_k", "c_v", "mlp.c_fc", "mlp.c_proj"),
+    "phixtral": ("Wqkv", "fc1", "fc2"),
+    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "plamo3": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "qwen": ("c_attn", "w1", "mlp.c_proj"),  # w2 is the gate (swiglu(w2 x, w1 x))
+    "talkie": ("attn_query", "attn_key", "attn_value", "mlp_linear", "mlp_resid"),
+    **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
+    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v41",
+                                         "glm4_moe_lite", "youtu_llm", "bailing_moe_v3", "kimi_k25")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
@@ -90,7 +106,8 @@ def layer_index(path: str, layers: dict[str, int]) -> int | None:
 # parameter names are the checkpoint's, not always transformers' module names: gemma3's
 # `language_model.model.*` is what hub checkpoints and transformers' own save_pretrained write.
 HF_FUSE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
-           "starcoder2", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
+           "starcoder2", "olmo2", "cohere", "glm4", "phi", "granite", "smollm3", "seed_oss",
+           "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 _STACKED = re.compile(r"^(.*)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
 _MIXTRAL_EXPERTS = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 

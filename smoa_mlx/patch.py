@@ -9,9 +9,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import get_total_parameters
 
 from .archs import (
-    ADAPTABLE, ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, decoder_layers, default_targets, layer_index,
+    ADAPTABLE, ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, decoder_layers, default_targets, layer_index, model_type,
 )
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .layer import SMoALinear, adapter_layers
 from .layouts.names import natural_key
 from .switch import SMoASwitchLinear
@@ -58,9 +58,13 @@ def target_paths(model: nn.Module, keys=None, num_layers=None) -> list[str]:
     linear layer, MoE experts and routers included, but the output head. Modules
     outside the decoder layers are kept whatever `num_layers` is, as in mlx-lm.
     """
-    keys = list(default_targets(model) if keys is None else [keys] if isinstance(keys, str) else keys)
+    default = keys is None
     candidates = linear_paths(model)
+    if not candidates:
+        raise ModelError(f"model type {model_type(model)!r} has no linear layers SMoA can adapt "
+                         "(nn.Linear, QuantizedLinear, SwitchLinear)")
     layers = decoder_layers(model)
+    keys = default_keys(model, candidates) if default else [keys] if isinstance(keys, str) else list(keys)
     if keys == [ALL_LINEAR]:
         head = {p for p in candidates if layer_index(p, layers) is None and _is_head(model, p)}
         keys = [p for p in candidates if p not in head]
@@ -79,7 +83,22 @@ def target_paths(model: nn.Module, keys=None, num_layers=None) -> list[str]:
         i = layer_index(p, layers)
         if i is None or i >= first:
             selected.append(p)
+    uncovered = sorted(set(range(first, n_total)) - {layer_index(p, layers) for p in selected})
+    if default and uncovered:
+        raise ModelError(
+            f"model type {model_type(model)!r}: the default targets ({' '.join(default_targets(model))}) "
+            f"adapt nothing in decoder layer(s) {uncovered[:8]}; pass --targets (this model's linear "
+            f"layers are: {', '.join(_short_names(candidates))}) or --targets {ALL_LINEAR}"
+        )
     return selected
+
+
+def default_keys(model: nn.Module, candidates=None) -> list[str]:
+    """The architecture's default keys that name a module of this model: one table row serves
+    a family (DeepSeek's q_proj or q_a_proj/q_b_proj) and hybrids, whose attention names
+    exist only in some layers; target_paths checks that every decoder layer gets one."""
+    candidates = linear_paths(model) if candidates is None else candidates
+    return [k for k in default_targets(model) if any(_matches(p, k) for p in candidates)]
 
 
 def _is_head(model: nn.Module, path: str) -> bool:

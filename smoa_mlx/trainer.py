@@ -24,11 +24,10 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint
 from .adapters import smoa_config
-from .archs import default_targets
 from .card import write_adapter_card
 from .distributed import Distributed
 from .errors import ConfigError, SMoAError
-from .patch import apply_smoa, layer_relative, smoa_layers, summarize, target_paths
+from .patch import apply_smoa, default_keys, layer_relative, smoa_layers, summarize, target_paths
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # A progress line at most this often (seconds) when stderr is not a terminal (logs).
@@ -217,9 +216,9 @@ def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None,
         raise ConfigError(
             f"--num-layers {args.num_layers} exceeds the model's {len(model.layers)} layers"
         )
-    if args.targets is None:
-        args.targets = list(default_targets(model))
     paths = target_paths(model, args.targets, args.num_layers)
+    if args.targets is None:
+        args.targets = default_keys(model)
     if args.method == "lora":
         from mlx_lm.tuner.utils import linear_to_lora_layers
 

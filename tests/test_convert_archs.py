@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_archs import ATTN, TOKENS, hf_model_dir, randomize_b  # noqa: E402
+from test_archs import ATTN, HF_TYPES, TOKENS, hf_model_dir, randomize_b  # noqa: E402
 
 from smoa_mlx.adapters import save_adapter  # noqa: E402
 from smoa_mlx.cli import run  # noqa: E402
@@ -65,7 +65,7 @@ def hf_modules(base_dir) -> set:
     return {n for n, _ in transformers.AutoModelForCausalLM.from_pretrained(base_dir).named_modules()}
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "gemma3", "phi3", "starcoder2", "olmo2"])
+@pytest.mark.parametrize("model_type", HF_TYPES)
 def test_dense_architecture_converts(model_type, tmp_path):
     base_dir = hf_model_dir(model_type, tmp_path)
     logits, paths = adapted(base_dir, tmp_path / "blocks", num_blocks=2)
@@ -79,7 +79,7 @@ def test_dense_architecture_converts(model_type, tmp_path):
 
 MOE_KEYS = {"qwen2_moe": ATTN + ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
             "qwen3_moe": ATTN + ("self_attn.o_proj",),
-            "mixtral": ATTN}
+            "mixtral": ATTN, "olmoe": ATTN}
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE_KEYS))

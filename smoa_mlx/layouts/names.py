@@ -19,7 +19,8 @@ PEFT_PREFIX = "base_model.model."
 # mlx-lm model types whose module and parameter names equal the transformers ones (for the MoE
 # types: every module but the experts and routers; tests/test_convert_archs.py checks each).
 SAME_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "starcoder2",
-              "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
+              "olmo2", "cohere", "glm4", "phi", "granite", "smollm3", "seed_oss",
+              "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 # model type -> (mlx-lm module prefix, transformers module prefix) pairs for wrapper models. Their
 # transformers model holds modules mlx-lm drops (gemma3: the vision tower), so an exported
 # target_modules is scoped to SCOPE, where the decoder layers live.
