@@ -33,6 +33,11 @@ ALL_LINEAR = "all-linear"
 MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 # Gated-delta linear attention layers of hybrid models (Qwen3-Next/3.5): their q|k|v input.
 LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_qkvz")
+# State-space (Mamba, Mamba-2) and short-convolution (LFM2) mixers have no q/k/v to split: their
+# input and output projections, the mixer's counterpart of an MLP's up and down. x_proj/dt_proj
+# compute the scan's per-token step and B/C (scores, like a router's) and are never defaults.
+SSM = ("mixer.in_proj", "mixer.out_proj")
+MAMBA_BRANCH = ("mamba.in_proj", "mamba.out_proj")  # a Mamba mixer beside attention/MLP
 # model_type -> default target keys, for architectures whose names differ from Llama's.
 TARGETS = {
     "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
@@ -47,13 +52,28 @@ TARGETS = {
     "gptj": ("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
     "nanochat": ("c_q", "c_k", "c_v", "mlp.c_fc", "mlp.c_proj"),
     "phixtral": ("Wqkv", "fc1", "fc2"),
-    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj") + SSM,
     "plamo3": ("qkv_proj", "gate_up_proj", "down_proj"),
     "qwen": ("c_attn", "w1", "mlp.c_proj"),  # w2 is the gate (swiglu(w2 x, w1 x))
     "talkie": ("attn_query", "attn_key", "attn_value", "mlp_linear", "mlp_resid"),
+    "baichuan_m1": ("W_pack", "up_proj", "down_proj"),
+    "bailing_moe": ("query_key_value", "up_proj", "down_proj"),
+    "dbrx": ("Wqkv", "v1", "w2"),  # experts: swiglu(w1 x, v1 x), so v1 is the up projection
+    "exaone": ("q_proj", "k_proj", "v_proj", "c_fc_1", "mlp.c_proj"),  # c_fc_0 is the gate
+    # LFM2: w1 gate, w3 up, w2 down; MoE experts under Llama names
+    **{t: ("q_proj", "k_proj", "v_proj", "conv.in_proj", "conv.out_proj", "w3", "w2", "up_proj", "down_proj")
+       for t in ("lfm2", "lfm2-vl", "lfm2_moe")},
+    "mamba": SSM,
+    "mamba2": SSM,
+    "nemotron_h": LLAMA_TARGETS + SSM + ("fc1", "fc2"),  # MoE experts: relu2(fc1 x), fc2
+    "falcon_h1": LLAMA_TARGETS + MAMBA_BRANCH,
+    # its shared expert's input_linear is the fused gate|up (taken whole, as gate_up_proj)
+    "granitemoehybrid": LLAMA_TARGETS + MAMBA_BRANCH + ("shared_mlp.input_linear", "shared_mlp.output_linear"),
+    "deepseek_v41": LLAMA_TARGETS + MLA + ("kv_proj",),
     **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
-    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v41",
-                                         "glm4_moe_lite", "youtu_llm", "bailing_moe_v3", "kimi_k25")},
+    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
+                                         "youtu_llm", "bailing_moe_v3", "kimi_k25", "kimi_vl", "kimi_linear",
+                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
@@ -68,7 +88,11 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    return TARGETS.get(model_type(model), LLAMA_TARGETS)
+    """The row of the model's type, else of the text model a VL wrapper holds (mistral3 over
+    mistral4, kimi_vl over deepseek_v3), else Llama's names."""
+    text = getattr(getattr(model, "args", None), "text_config", None)
+    text_type = text.get("model_type") if isinstance(text, dict) else getattr(text, "model_type", None)
+    return TARGETS.get(model_type(model)) or TARGETS.get(text_type, LLAMA_TARGETS)
 
 
 def decoder_layers(model: nn.Module) -> dict[str, int]:

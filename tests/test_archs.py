@@ -16,6 +16,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes
 
 from smoa_mlx.adapters import load_adapter, save_adapter
+from smoa_mlx.archs import decoder_layers
 from smoa_mlx.errors import ConfigError, ModelError
 from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.patch import apply_smoa, layer_relative, smoa_layers, target_paths
@@ -32,44 +33,176 @@ TINY = dict(
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, norm_topk_prob=True,
     sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"],
     attention_bias=False, swiglu_limit=7.0, rotary_dim=4,
+    # fields many families require: MoE (DeepSeek style: every layer routed, one shared expert),
+    # multi-head latent attention, biases and norms off
+    n_routed_experts=4, n_shared_experts=1, num_shared_experts=1, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, first_k_dense_replace=0, moe_layer_freq=1, kv_lora_rank=16,
+    q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, use_bias=False,
+    mlp_bias=False, use_qk_norm=False, qk_norm=False, rope_scaling=None, num_layers=2,
 )
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 LLAMA = ATTN + ("mlp.up_proj", "mlp.down_proj")
+SWITCH = ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+SHARED = ("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+SPARSE = ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj")
+# multi-head latent attention (q_lora_rank set: q_a/q_b; deepseek_v3's kv_b is a MultiLinear)
+MLA = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa")
+SSM = ("mixer.in_proj", "mixer.out_proj")
 # model_type -> the default targets of one decoder layer, written out independently of archs.py
 EXPECTED = {
-    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma": LLAMA,
-    "gemma2": LLAMA, "gemma3_text": LLAMA, "olmo2": LLAMA, "cohere": LLAMA,
+    **{t: LLAMA for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3", "cohere",
+        "cohere2", "afmoe", "apertus", "ernie4_5", "exaone4", "gear", "granite", "helium", "hunyuan_v1_dense",
+        "internlm3", "iquestloopcoder", "mimo", "minicpm", "ministral3", "muse_glimmer", "nanbeige", "nemotron",
+        "plamo", "seed_oss", "smollm3", "stablelm", "telechat3",
+        # VL wrappers: their language model's layers
+        "gemma3", "gemma3n", "mistral3", "pixtral", "qwen2_vl", "qwen3_vl")},
+    "llama4_text": ATTN + ("feed_forward.up_proj", "feed_forward.down_proj"),
     "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
     "glm4": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "glm": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
     "phi": ATTN + ("mlp.fc1", "mlp.fc2"),
     "starcoder2": ATTN + ("mlp.c_fc", "mlp.c_proj"),
     "internlm2": ("attention.wqkv", "feed_forward.w3", "feed_forward.w2"),
     "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
+    "gpt_bigcode": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    "qwen3_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"),
-    "qwen2_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj",
-                         "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
-    "mixtral": ATTN + ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj"),
-    "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
-    "glm": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
     "gptj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in", "mlp.fc_out"),
     "nanochat": ("attn.c_q", "attn.c_k", "attn.c_v", "mlp.c_fc", "mlp.c_proj"),
     "qwen": ("attn.c_attn", "mlp.w1", "mlp.c_proj"),
     "plamo3": ("mixer.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
-    # multi-head latent attention (q_lora_rank unset here: q_a/q_b, kv_a/kv_b pairs)
-    "deepseek_v3": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
-                    "mlp.up_proj", "mlp.down_proj"),
+    "baichuan_m1": ("self_attn.W_pack", "mlp.up_proj", "mlp.down_proj"),
+    "exaone": ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj", "mlp.c_fc_1",
+               "mlp.c_proj"),
+    "falcon_h1": ATTN + ("feed_forward.up_proj", "feed_forward.down_proj", "mamba.in_proj", "mamba.out_proj"),
+    "mamba": SSM, "mamba2": SSM,
+    # MoE
+    **{t: ATTN + SWITCH for t in ("qwen3_moe", "qwen3_vl_moe", "olmoe", "mellum")},
+    **{t: ATTN + SPARSE for t in ("mixtral", "phimoe", "granitemoe", "minimax")},
+    **{t: ATTN + SWITCH + SHARED for t in ("deepseek", "ernie4_5_moe", "glm4_moe", "solar_open")},
+    **{t: ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj") + SHARED for t in ("Klear", "dots1")},
+    "qwen2_moe": ATTN + SWITCH + ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+    "hunyuan": ATTN + SWITCH + ("mlp.shared_mlp.up_proj", "mlp.shared_mlp.down_proj"),
+    "minimax_m3_vl": ATTN + SPARSE + ("block_sparse_moe.shared_experts.up_proj",
+                                      "block_sparse_moe.shared_experts.down_proj"),
+    "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
+    "bailing_moe": ("attention.query_key_value",) + SWITCH + SHARED,
+    "dbrx": ("norm_attn_norm.attn.Wqkv",) + tuple(f"ffn.experts.{e}.{n}" for e in range(4) for n in ("v1", "w2")),
+    **{t: MLA + SWITCH + SHARED for t in ("deepseek_v3", "deepseek_v32", "glm4_moe_lite", "kimi_k25", "kimi_vl",
+                                          "mistral4")},
+    "deepseek_v2": MLA + ("self_attn.kv_b_proj",) + SWITCH + SHARED,
+    **{t: MLA + ("self_attn.kv_b_proj", "mlp.up_proj", "mlp.down_proj") for t in ("minicpm3", "youtu_llm")},
+    "deepseek_v41": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj",
+                     "mlp.experts.switch_mlp.up_proj", "mlp.experts.switch_mlp.down_proj") + SHARED,
+    "bailing_moe_v3": tuple(n.replace("self_attn", "attention") for n in MLA) + SWITCH + SHARED,
+    "longcat_flash": tuple(f"self_attn.{i}.{n.split('.')[1]}" for i in (0, 1) for n in MLA) + SWITCH
+    + tuple(f"mlps.{i}.{n}" for i in (0, 1) for n in ("up_proj", "down_proj")),
 }
-# Hybrid: qwen3_5_moe's tiny layers are full attention, then gated-delta (linear attention).
-MOE_QWEN = ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj", "mlp.shared_expert.up_proj",
-            "mlp.shared_expert.down_proj")
-HYBRID = {"qwen3_5_moe": [ATTN + MOE_QWEN, ("linear_attn.in_proj_qkv",) + MOE_QWEN]}
-OVERRIDES = {"qwen": dict(kv_channels=8), "qwen3_5_moe": dict(full_attention_interval=2)}
+# Hybrids, layer by layer (in layer order): linear attention / state-space / convolution layers
+# beside attention, dense beside MoE layers.
+QWEN_MOE = SWITCH + ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+GRANITE = SPARSE + ("shared_mlp.input_linear", "shared_mlp.output_linear")
+LFM = ("feed_forward.w3", "feed_forward.w2")
+LFM_MOE = ("feed_forward.switch_mlp.up_proj", "feed_forward.switch_mlp.down_proj")
+LLAMA4_MOE = ("feed_forward.experts.up_proj", "feed_forward.experts.down_proj",
+              "feed_forward.shared_expert.up_proj", "feed_forward.shared_expert.down_proj")
+HYBRID = {
+    **{t: [("linear_attn.in_proj_qkv",) + QWEN_MOE, ATTN + QWEN_MOE] for t in ("qwen3_5", "qwen3_5_moe")},
+    "granitemoehybrid": [("mamba.in_proj", "mamba.out_proj") + GRANITE, ATTN + GRANITE],
+    "kimi_linear": [ATTN + SWITCH + SHARED, ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa") + SWITCH + SHARED],
+    "laguna": [LLAMA, ATTN + QWEN_MOE],
+    "step3p5": [LLAMA, ATTN + SWITCH + ("mlp.share_expert.up_proj", "mlp.share_expert.down_proj")],
+    **{t: [("conv.in_proj", "conv.out_proj") + LFM, ATTN + LFM] for t in ("lfm2", "lfm2-vl")},
+    "lfm2_moe": [("conv.in_proj", "conv.out_proj") + LFM_MOE, ATTN + LFM_MOE],
+    "llama4": [ATTN + ("feed_forward.up_proj", "feed_forward.down_proj"), ATTN + LLAMA4_MOE] * 2,
+    # Mamba-2, attention, MLP, MoE layers
+    "nemotron_h": [SSM, ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), ("mixer.up_proj", "mixer.down_proj"),
+                   ("mixer.switch_mlp.fc1", "mixer.switch_mlp.fc2", "mixer.shared_experts.up_proj",
+                    "mixer.shared_experts.down_proj")],
+    "plamo2": [SSM + ("mlp.gate_up_proj", "mlp.down_proj"), ("mixer.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")],
+}
+OVERRIDES = {
+    "qwen": dict(kv_channels=8), "qwen3_5_moe": dict(full_attention_interval=2),
+    "llama4_text": dict(intermediate_size_mlp=48, no_rope_layers=[1, 0]),
+    # four layers: the fourth is llama4's first global-attention (no rope) layer
+    "llama4": dict(intermediate_size_mlp=48, attention_chunk_size=64, interleave_moe_layer_step=2,
+                   num_experts_per_tok=1, num_hidden_layers=4),
+    "deepseek_v2": dict(rope_scaling=dict(factor=1.0)),
+    **{t: dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0,
+               residual_multiplier=1.0) for t in ("granite", "granitemoe")},
+    "granitemoehybrid": dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0,
+                             residual_multiplier=1.0, layer_types=["mamba", "attention"],
+                             shared_intermediate_size=24, mamba_n_heads=4, mamba_d_head=16,
+                             mamba_proj_bias=False, mamba_d_state=8, mamba_d_conv=4, mamba_n_groups=1,
+                             mamba_conv_bias=True),
+    "minicpm": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12),
+    "minicpm3": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12),
+    "mamba": dict(intermediate_size=64, state_size=8, conv_kernel=4, use_conv_bias=True, time_step_rank=4),
+    "mamba2": dict(num_heads=4, head_dim=16, intermediate_size=64, state_size=8, conv_kernel=4, n_groups=1,
+                   use_conv_bias=True, time_step_limit=(0.0, float("inf")), time_step_rank=4),
+    "exaone4": dict(sliding_window_pattern="LG"),
+    "nemotron": dict(hidden_act="relu2"),
+    "nemotron_h": dict(hybrid_override_pattern=["M", "*", "-", "E"], layer_types=None, mamba_num_heads=4,
+                       mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=8, conv_kernel=4,
+                       n_groups=1, use_conv_bias=True, moe_intermediate_size=24,
+                       moe_shared_expert_intermediate_size=24, num_experts_per_tok=2, norm_topk_prob=True,
+                       time_step_limit=(0.0, float("inf"))),
+    "lfm2": dict(conv_bias=False, conv_L_cache=3, block_dim=32, block_ff_dim=48, block_multiple_of=16,
+                 block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False,
+                 layer_types=["conv", "full_attention"]),
+    "lfm2_moe": dict(use_expert_bias=True, num_dense_layers=0, conv_bias=False, conv_L_cache=3,
+                     layer_types=["conv", "full_attention"]),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_num_shared_experts=1),
+    "hunyuan": dict(moe_topk=2, num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=False,
+                    cla_share_factor=1),
+    "dbrx": dict(d_model=32, n_layers=2, n_heads=4,
+                 ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0)),
+    "kimi_linear": dict(linear_attn_config=dict(kda_layers=[1], num_heads=4, head_dim=8, short_conv_kernel_size=4),
+                        model_max_length=128),
+    "minimax": dict(shared_intermediate_size=24),
+    "dots1": dict(),
+    "step3p5": dict(num_attention_groups=2, moe_num_experts=4, moe_top_k=2, moe_intermediate_size=24,
+                    share_expert_dim=24),
+    "longcat_flash": dict(attention_method="MLA", zero_expert_type="identity", ffn_hidden_size=48, moe_topk=2,
+                          expert_ffn_hidden_size=24, zero_expert_num=1, mla_scale_q_lora=True,
+                          mla_scale_kv_lora=True),
+    "baichuan_m1": dict(sliding_window_layers=[0], conv_window=2),
+    "apertus": dict(post_norm=False),
+    "qwen3_5": dict(full_attention_interval=2),
+    "hunyuan": dict(moe_topk=2, num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=False,
+                    cla_share_factor=1, rope_scaling=dict(alpha=1.0, factor=1.0, type="dynamic")),
+    **{t: dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, llama_4_scaling_beta=0.1,
+                                    original_max_position_embeddings=128)) for t in ("ministral3", "mistral4")},
+    "minicpm3": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12,
+                     rope_scaling=dict(original_max_position_embeddings=128)),
+    "mellum": dict(rope_parameters={t: dict(rope_type="default", rope_theta=10000.0)
+                                    for t in ("sliding_attention", "full_attention")}),
+    "gpt_bigcode": dict(n_inner=48),
+    "gemma3n": dict(num_kv_shared_layers=0, vocab_size_per_layer_input=64, rope_local_base_freq=10000.0,
+                    activation_sparsity_pattern=[0.0, 0.0], hidden_size_per_layer_input=8, altup_num_inputs=2,
+                    altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0, laurel_rank=8),
+    "minimax_m3_vl": dict(moe_layer_freq=[1, 1]),
+    "stablelm": dict(use_qkv_bias=False),
+    "plamo": dict(n_shared_head=2),
+}
+# VL wrappers: model_type -> the text model type their `text_config` holds (itself: their own text class)
+TEXT_MODEL = {"mistral3": "ministral3", "pixtral": "llama", "gemma3": "gemma3_text", "qwen3_vl_moe": "qwen3_moe",
+              "lfm2-vl": "lfm2", "llama4": "llama4", "kimi_vl": "deepseek_v3", "kimi_k25": "deepseek_v3",
+              "gemma3n": "gemma3n", "minimax_m3_vl": "minimax_m3_vl", "muse_spark": "muse_spark"}
 TOKENS = mx.array([[1, 5, 9, 12, 40, 7, 3, 30, 2, 8, 13, 21, 34, 55, 6, 11] * 3])
 
 
-def tiny(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_config(model_type: str) -> dict:
     config = dict(TINY, **OVERRIDES.get(model_type, {}), model_type=model_type)
+    if model_type in TEXT_MODEL:
+        text = TEXT_MODEL[model_type]
+        config["text_config"] = dict(TINY, **OVERRIDES.get(text, {}), model_type=text)
+    return config
+
+
+def tiny(model_type: str, seed: int = 0) -> nn.Module:
+    config = tiny_config(model_type)
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
@@ -133,8 +266,9 @@ def test_architecture(model_type, tmp_path):
 
 
 def _layer_paths(model):
-    ids = {id(layer) for layer in model.layers}
-    return [p for p, m in model.named_modules() if id(m) in ids]
+    """Decoder layer paths in layer order."""
+    layers = decoder_layers(model)
+    return sorted(layers, key=layers.get)
 
 
 def train_losses(model, optimizer, steps: int = 6) -> list[float]:
@@ -150,7 +284,12 @@ def train_losses(model, optimizer, steps: int = 6) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("model_type", sorted(EXPECTED) + sorted(HYBRID))
+# mlx-lm's deepseek_v41 sparse indexer picks top-k positions without stop_gradient, so no
+# gradient of that model can be taken (LoRA's neither): adapters for it are inference-only.
+UNTRAINABLE = {"deepseek_v41"}
+
+
+@pytest.mark.parametrize("model_type", sorted((set(EXPECTED) | set(HYBRID)) - UNTRAINABLE))
 def test_training_steps_lower_the_loss(model_type):
     model = tiny(model_type)
     apply_smoa(model, rank=4, num_blocks=2, progress=False)
