@@ -70,10 +70,26 @@ TARGETS = {
     # its shared expert's input_linear is the fused gate|up (taken whole, as gate_up_proj)
     "granitemoehybrid": LLAMA_TARGETS + MAMBA_BRANCH + ("shared_mlp.input_linear", "shared_mlp.output_linear"),
     "deepseek_v41": LLAMA_TARGETS + MLA + ("kv_proj",),
+    "bailing_moe_linear": ("query_key_value", "up_proj", "down_proj"),
+    "bailing_hybrid": ("query_key_value", "up_proj", "down_proj") + MLA,  # linear-attention and MLA layers
+    "jamba": LLAMA_TARGETS + MAMBA_BRANCH,
+    "kimi_k3": LLAMA_TARGETS + MLA + ("qkv_proj",),  # KDA layers: fused qkv_proj
+    "lille-130m": ("qkv_proj", "up_proj", "down_proj"),
+    "openelm": ("qkv_proj", "proj_1", "proj_2"),  # proj_1 is the fused gate|up
+    "phi3small": ("query_key_value", "up_proj", "down_proj"),
+    # RG-LRU blocks: linear_x and linear_y (the scan's input and its gate, Mamba's in_proj in two) and
+    # linear_out (untested: mlx-lm's recurrent_gemma.Model skips nn.Module.__init__, so it cannot be frozen)
+    "recurrent_gemma": LLAMA_TARGETS + ("linear_x", "linear_y", "linear_out"),
+    # RWKV-7: receptance/key/value into the time mix, channel mix key (up) and value (down); the
+    # low-rank a/g/v/w projections compute decays and gates and are never defaults
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "ffn.key", "ffn.value"),
+    "spark2_5": ("q_k_v_proj", "up_proj", "down_proj"),
+    # afm7 has no row: its fused qkv_proj is a FusedLinear returning (q, k, v), which SMoALinear does
+    # not reproduce; Llama's names reach the MLP and the q_proj of its KV-reuse layers
     **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
     **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
                                          "youtu_llm", "bailing_moe_v3", "kimi_k25", "kimi_vl", "kimi_linear",
-                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram")},
+                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram", "glm_moe_dsa")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
