@@ -33,9 +33,10 @@ ALL_LINEAR = "all-linear"
 MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 # Gated-delta linear attention layers of hybrid models (Qwen3-Next/3.5): their q|k|v input.
 LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_qkvz")
-# State-space (Mamba, Mamba-2) and short-convolution (LFM2) mixers have no q/k/v to split: their
-# input and output projections, the mixer's counterpart of an MLP's up and down. x_proj/dt_proj
-# compute the scan's per-token step and B/C (scores, like a router's) and are never defaults.
+# State-space (Mamba, Mamba-2) and short-convolution (LFM2's conv.in_proj/out_proj) mixers have
+# no q/k/v to split: their input and output projections, the mixer's counterpart of an MLP's up
+# and down. x_proj/dt_proj compute the scan's per-token step and B/C (scores, like a router's)
+# and are never defaults.
 SSM = ("mixer.in_proj", "mixer.out_proj")
 MAMBA_BRANCH = ("mamba.in_proj", "mamba.out_proj")  # a Mamba mixer beside attention/MLP
 # model_type -> default target keys, for architectures whose names differ from Llama's.
@@ -57,7 +58,7 @@ TARGETS = {
     "qwen": ("c_attn", "w1", "mlp.c_proj"),  # w2 is the gate (swiglu(w2 x, w1 x))
     "talkie": ("attn_query", "attn_key", "attn_value", "mlp_linear", "mlp_resid"),
     "baichuan_m1": ("W_pack", "up_proj", "down_proj"),
-    "bailing_moe": ("query_key_value", "up_proj", "down_proj"),
+    **{t: ("query_key_value", "up_proj", "down_proj") for t in ("bailing_moe", "bailing_moe_linear")},
     "dbrx": ("Wqkv", "v1", "w2"),  # experts: swiglu(w1 x, v1 x), so v1 is the up projection
     "exaone": ("q_proj", "k_proj", "v_proj", "c_fc_1", "mlp.c_proj"),  # c_fc_0 is the gate
     # LFM2: w1 gate, w3 up, w2 down; MoE experts under Llama names
@@ -70,13 +71,12 @@ TARGETS = {
     # its shared expert's input_linear is the fused gate|up (taken whole, as gate_up_proj)
     "granitemoehybrid": LLAMA_TARGETS + MAMBA_BRANCH + ("shared_mlp.input_linear", "shared_mlp.output_linear"),
     "deepseek_v41": LLAMA_TARGETS + MLA + ("kv_proj",),
-    "bailing_moe_linear": ("query_key_value", "up_proj", "down_proj"),
     "bailing_hybrid": ("query_key_value", "up_proj", "down_proj") + MLA,  # linear-attention and MLA layers
     "jamba": LLAMA_TARGETS + MAMBA_BRANCH,
     "kimi_k3": LLAMA_TARGETS + MLA + ("qkv_proj",),  # KDA layers: fused qkv_proj
     "lille-130m": ("qkv_proj", "up_proj", "down_proj"),
     "openelm": ("qkv_proj", "proj_1", "proj_2"),  # proj_1 is the fused gate|up
-    "phi3small": ("query_key_value", "up_proj", "down_proj"),
+    "phi3small": ("query_key_value", "up_proj", "down_proj"),  # untested: mlx-lm's model corrupts memory on CPU
     # RG-LRU blocks: linear_x and linear_y (the scan's input and its gate, Mamba's in_proj in two) and
     # linear_out (untested: mlx-lm's recurrent_gemma.Model skips nn.Module.__init__, so it cannot be frozen)
     "recurrent_gemma": LLAMA_TARGETS + ("linear_x", "linear_y", "linear_out"),
@@ -89,7 +89,8 @@ TARGETS = {
     **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
     **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
                                          "youtu_llm", "bailing_moe_v3", "kimi_k25", "kimi_vl", "kimi_linear",
-                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram", "glm_moe_dsa")},
+                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram",
+                                         "glm_moe_dsa")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
