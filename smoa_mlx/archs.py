@@ -34,6 +34,12 @@ ALL_LINEAR = "all-linear"
 MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 # Gated-delta linear attention layers of hybrid models (Qwen3-Next/3.5): their q|k|v input.
 LINEAR_ATTENTION = ("in_proj_qkv", "in_proj_qkvz")
+# State-space (Mamba, Mamba-2) and short-convolution (LFM2's conv.in_proj/out_proj) mixers have
+# no q/k/v to split: their input and output projections, the mixer's counterpart of an MLP's up
+# and down. x_proj/dt_proj compute the scan's per-token step and B/C (scores, like a router's)
+# and are never defaults.
+SSM = ("mixer.in_proj", "mixer.out_proj")
+MAMBA_BRANCH = ("mamba.in_proj", "mamba.out_proj")  # a Mamba mixer beside attention/MLP
 # model_type -> default target keys, for architectures whose names differ from Llama's.
 TARGETS = {
     "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),
@@ -48,13 +54,44 @@ TARGETS = {
     "gptj": ("q_proj", "k_proj", "v_proj", "fc_in", "fc_out"),
     "nanochat": ("c_q", "c_k", "c_v", "mlp.c_fc", "mlp.c_proj"),
     "phixtral": ("Wqkv", "fc1", "fc2"),
-    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj"),
+    "plamo2": ("qkv_proj", "gate_up_proj", "down_proj") + SSM,
     "plamo3": ("qkv_proj", "gate_up_proj", "down_proj"),
     "qwen": ("c_attn", "w1", "mlp.c_proj"),  # w2 is the gate (swiglu(w2 x, w1 x))
     "talkie": ("attn_query", "attn_key", "attn_value", "mlp_linear", "mlp_resid"),
+    "baichuan_m1": ("W_pack", "up_proj", "down_proj"),
+    **{t: ("query_key_value", "up_proj", "down_proj") for t in ("bailing_moe", "bailing_moe_linear")},
+    "dbrx": ("Wqkv", "v1", "w2"),  # experts: swiglu(w1 x, v1 x), so v1 is the up projection
+    "exaone": ("q_proj", "k_proj", "v_proj", "c_fc_1", "mlp.c_proj"),  # c_fc_0 is the gate
+    # LFM2: w1 gate, w3 up, w2 down; MoE experts under Llama names
+    **{t: ("q_proj", "k_proj", "v_proj", "conv.in_proj", "conv.out_proj", "w3", "w2", "up_proj", "down_proj")
+       for t in ("lfm2", "lfm2-vl", "lfm2_moe")},
+    "mamba": SSM,
+    "mamba2": SSM,
+    "nemotron_h": LLAMA_TARGETS + SSM + ("fc1", "fc2"),  # MoE experts: relu2(fc1 x), fc2
+    "falcon_h1": LLAMA_TARGETS + MAMBA_BRANCH,
+    # its shared expert's input_linear is the fused gate|up (taken whole, as gate_up_proj)
+    "granitemoehybrid": LLAMA_TARGETS + MAMBA_BRANCH + ("shared_mlp.input_linear", "shared_mlp.output_linear"),
+    "deepseek_v41": LLAMA_TARGETS + MLA + ("kv_proj",),
+    "bailing_hybrid": ("query_key_value", "up_proj", "down_proj") + MLA,  # linear-attention and MLA layers
+    "jamba": LLAMA_TARGETS + MAMBA_BRANCH,
+    "kimi_k3": LLAMA_TARGETS + MLA + ("qkv_proj",),  # KDA layers: fused qkv_proj
+    "lille-130m": ("qkv_proj", "up_proj", "down_proj"),
+    "openelm": ("qkv_proj", "proj_1", "proj_2"),  # proj_1 is the fused gate|up
+    "phi3small": ("query_key_value", "up_proj", "down_proj"),  # untested: mlx-lm's model corrupts memory on CPU
+    # RG-LRU blocks: linear_x and linear_y (the scan's input and its gate, Mamba's in_proj in two) and
+    # linear_out (untested: mlx-lm's recurrent_gemma.Model skips nn.Module.__init__, so it cannot be frozen)
+    "recurrent_gemma": LLAMA_TARGETS + ("linear_x", "linear_y", "linear_out"),
+    # RWKV-7: receptance/key/value into the time mix, channel mix key (up) and value (down); the
+    # low-rank a/g/v/w projections compute decays and gates and are never defaults
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "ffn.key", "ffn.value"),
+    "spark2_5": ("q_k_v_proj", "up_proj", "down_proj"),
+    # afm7 has no row: its fused qkv_proj is a FusedLinear returning (q, k, v), which SMoALinear does
+    # not reproduce; Llama's names reach the MLP and the q_proj of its KV-reuse layers
     **{t: LLAMA_TARGETS + LINEAR_ATTENTION for t in ("qwen3_5", "qwen3_5_moe", "qwen3_next")},
-    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v41",
-                                         "glm4_moe_lite", "youtu_llm", "bailing_moe_v3", "kimi_k25")},
+    **{t: LLAMA_TARGETS + MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
+                                         "youtu_llm", "bailing_moe_v3", "kimi_k25", "kimi_vl", "kimi_linear",
+                                         "minicpm3", "mistral4", "longcat_flash", "longcat_flash_ngram",
+                                         "glm_moe_dsa")},
 }
 
 # Layers SMoA adapts: dense (2-D weight) and MoE expert (3-D weight, one per expert).
@@ -69,7 +106,11 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    return TARGETS.get(model_type(model), LLAMA_TARGETS)
+    """The row of the model's type, else of the text model a VL wrapper holds (mistral3 over
+    mistral4, kimi_vl over deepseek_v3), else Llama's names."""
+    text = getattr(getattr(model, "args", None), "text_config", None)
+    text_type = text.get("model_type") if isinstance(text, dict) else getattr(text, "model_type", None)
+    return TARGETS.get(model_type(model)) or TARGETS.get(text_type, LLAMA_TARGETS)
 
 
 def decoder_layers(model: nn.Module) -> dict[str, int]:

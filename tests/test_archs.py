@@ -16,6 +16,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import _get_classes
 
 from smoa_mlx.adapters import load_adapter, save_adapter
+from smoa_mlx.archs import decoder_layers
 from smoa_mlx.errors import ConfigError, ModelError
 from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.patch import apply_smoa, layer_relative, smoa_layers, target_paths
@@ -32,47 +33,231 @@ TINY = dict(
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, norm_topk_prob=True,
     sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"],
     attention_bias=False, swiglu_limit=7.0, rotary_dim=4,
+    # fields many families require: MoE (DeepSeek style: every layer routed, one shared expert),
+    # multi-head latent attention, biases and norms off
+    n_routed_experts=4, n_shared_experts=1, num_shared_experts=1, n_group=1, topk_group=1,
+    routed_scaling_factor=1.0, first_k_dense_replace=0, moe_layer_freq=1, kv_lora_rank=16,
+    q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, use_bias=False,
+    mlp_bias=False, use_qk_norm=False, qk_norm=False, rope_scaling=None, num_layers=2,
 )
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 LLAMA = ATTN + ("mlp.up_proj", "mlp.down_proj")
+SWITCH = ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj")
+SHARED = ("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj")
+SPARSE = ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj")
+# multi-head latent attention (q_lora_rank set: q_a/q_b; deepseek_v3's kv_b is a MultiLinear)
+MLA = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa")
+SSM = ("mixer.in_proj", "mixer.out_proj")
 # model_type -> the default targets of one decoder layer, written out independently of archs.py
 EXPECTED = {
-    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma": LLAMA,
-    "gemma2": LLAMA, "gemma3_text": LLAMA, "olmo2": LLAMA, "cohere": LLAMA,
+    **{t: LLAMA for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3", "cohere",
+        "cohere2", "afmoe", "apertus", "ernie4_5", "exaone4", "gear", "granite", "helium", "hunyuan_v1_dense",
+        "internlm3", "iquestloopcoder", "mimo", "minicpm", "ministral3", "muse_glimmer", "nanbeige", "nemotron",
+        "plamo", "seed_oss", "smollm3", "stablelm", "telechat3",
+        # VL wrappers: their language model's layers
+        "gemma3", "gemma3n", "mistral3", "pixtral", "qwen2_vl", "qwen3_vl")},
+    "llama4_text": ATTN + ("feed_forward.up_proj", "feed_forward.down_proj"),
     "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
     "glm4": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
+    "glm": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
     "phi": ATTN + ("mlp.fc1", "mlp.fc2"),
     "starcoder2": ATTN + ("mlp.c_fc", "mlp.c_proj"),
     "internlm2": ("attention.wqkv", "feed_forward.w3", "feed_forward.w2"),
     "gpt2": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
+    "gpt_bigcode": ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"),
     "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    "qwen3_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"),
-    "qwen2_moe": ATTN + ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj",
-                         "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
-    "mixtral": ATTN + ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.switch_mlp.down_proj"),
-    "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
-    "glm": ATTN + ("mlp.gate_up_proj", "mlp.down_proj"),
     "gptj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in", "mlp.fc_out"),
     "nanochat": ("attn.c_q", "attn.c_k", "attn.c_v", "mlp.c_fc", "mlp.c_proj"),
     "qwen": ("attn.c_attn", "mlp.w1", "mlp.c_proj"),
+    "talkie": ("attn.attn_query", "attn.attn_key", "attn.attn_value", "mlp.mlp_linear", "mlp.mlp_resid"),
     "plamo3": ("mixer.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
-    # multi-head latent attention (q_lora_rank unset here: q_a/q_b, kv_a/kv_b pairs)
-    "deepseek_v3": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
-                    "mlp.up_proj", "mlp.down_proj"),
+    "baichuan_m1": ("self_attn.W_pack", "mlp.up_proj", "mlp.down_proj"),
+    "exaone": ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj", "mlp.c_fc_1",
+               "mlp.c_proj"),
+    "falcon_h1": ATTN + ("feed_forward.up_proj", "feed_forward.down_proj", "mamba.in_proj", "mamba.out_proj"),
+    "mamba": SSM, "mamba2": SSM,
+    # MoE
+    **{t: ATTN + SWITCH for t in ("qwen3_moe", "qwen3_vl_moe", "olmoe", "mellum")},
+    **{t: ATTN + SPARSE for t in ("mixtral", "phimoe", "granitemoe", "minimax")},
+    **{t: ATTN + SWITCH + SHARED for t in ("deepseek", "ernie4_5_moe", "glm4_moe", "solar_open")},
+    **{t: ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj") + SHARED for t in ("Klear", "dots1")},
+    "qwen2_moe": ATTN + SWITCH + ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+    "hunyuan": ATTN + SWITCH + ("mlp.shared_mlp.up_proj", "mlp.shared_mlp.down_proj"),
+    "minimax_m3_vl": ATTN + SPARSE + ("block_sparse_moe.shared_experts.up_proj",
+                                      "block_sparse_moe.shared_experts.down_proj"),
+    "gpt_oss": ATTN + ("mlp.experts.up_proj", "mlp.experts.down_proj"),
+    "bailing_moe": ("attention.query_key_value",) + SWITCH + SHARED,
+    "dbrx": ("norm_attn_norm.attn.Wqkv",) + tuple(f"ffn.experts.{e}.{n}" for e in range(4) for n in ("v1", "w2")),
+    **{t: MLA + SWITCH + SHARED for t in ("deepseek_v3", "deepseek_v32", "glm4_moe_lite", "kimi_k25", "kimi_vl",
+                                          "mistral4")},
+    "deepseek_v2": MLA + ("self_attn.kv_b_proj",) + SWITCH + SHARED,
+    **{t: MLA + ("self_attn.kv_b_proj", "mlp.up_proj", "mlp.down_proj") for t in ("minicpm3", "youtu_llm")},
+    "deepseek_v41": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj",
+                     "mlp.experts.switch_mlp.up_proj", "mlp.experts.switch_mlp.down_proj") + SHARED,
+    "bailing_moe_v3": tuple(n.replace("self_attn", "attention") for n in MLA) + SWITCH + SHARED,
+    **{t: LLAMA for t in ("gemma4", "gemma4_text", "nemotron-nas")},
+    "glm_moe_dsa": MLA + SWITCH + SHARED,
+    "bailing_moe_linear": ("attention.query_key_value",) + SWITCH + SHARED,
+    "lille-130m": ("attention.qkv_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+    "openelm": ("attn.qkv_proj", "ffn.proj_1", "ffn.proj_2"),
+    "phixtral": ("mixer.Wqkv", "moe.switch_mlp.fc1", "moe.switch_mlp.fc2"),
+    "rwkv7": ("attn.r_proj", "attn.k_proj", "attn.v_proj", "ffn.key", "ffn.value"),
+    "spark2_5": ("self_attn.q_k_v_proj", "mlp.up_proj", "mlp.down_proj"),
+    **{t: tuple(f"self_attn.{i}.{n.split('.')[1]}" for i in (0, 1) for n in MLA) + SWITCH
+    + tuple(f"mlps.{i}.{n}" for i in (0, 1) for n in ("up_proj", "down_proj"))
+       for t in ("longcat_flash", "longcat_flash_ngram")},
 }
-# Hybrid: qwen3_5_moe's tiny layers are full attention, then gated-delta (linear attention).
-MOE_QWEN = ("mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj", "mlp.shared_expert.up_proj",
-            "mlp.shared_expert.down_proj")
-HYBRID = {"qwen3_5_moe": [ATTN + MOE_QWEN, ("linear_attn.in_proj_qkv",) + MOE_QWEN]}
-OVERRIDES = {"qwen": dict(kv_channels=8), "qwen3_5_moe": dict(full_attention_interval=2)}
+# Hybrids, layer by layer (in layer order): linear attention / state-space / convolution layers
+# beside attention, dense beside MoE layers.
+QWEN_MOE = SWITCH + ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+GRANITE = SPARSE + ("shared_mlp.input_linear", "shared_mlp.output_linear")
+LFM = ("feed_forward.w3", "feed_forward.w2")
+LFM_MOE = ("feed_forward.switch_mlp.up_proj", "feed_forward.switch_mlp.down_proj")
+LLAMA4_MOE = ("feed_forward.experts.up_proj", "feed_forward.experts.down_proj",
+              "feed_forward.shared_expert.up_proj", "feed_forward.shared_expert.down_proj")
+HYBRID = {
+    **{t: [("linear_attn.in_proj_qkv",) + QWEN_MOE, ATTN + QWEN_MOE] for t in ("qwen3_5", "qwen3_5_moe")},
+    "granitemoehybrid": [("mamba.in_proj", "mamba.out_proj") + GRANITE, ATTN + GRANITE],
+    "kimi_linear": [ATTN + SWITCH + SHARED, ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa") + SWITCH + SHARED],
+    "laguna": [LLAMA, ATTN + QWEN_MOE],
+    "step3p5": [LLAMA, ATTN + SWITCH + ("mlp.share_expert.up_proj", "mlp.share_expert.down_proj")],
+    **{t: [("conv.in_proj", "conv.out_proj") + LFM, ATTN + LFM] for t in ("lfm2", "lfm2-vl")},
+    "lfm2_moe": [("conv.in_proj", "conv.out_proj") + LFM_MOE, ATTN + LFM_MOE],
+    "llama4": [ATTN + ("feed_forward.up_proj", "feed_forward.down_proj"), ATTN + LLAMA4_MOE] * 2,
+    # Mamba-2, attention, MLP, MoE layers
+    "nemotron_h": [SSM, ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj"), ("mixer.up_proj", "mixer.down_proj"),
+                   ("mixer.switch_mlp.fc1", "mixer.switch_mlp.fc2", "mixer.shared_experts.up_proj",
+                    "mixer.shared_experts.down_proj")],
+    "qwen3_next": [("linear_attn.in_proj_qkvz",) + QWEN_MOE, ATTN + QWEN_MOE],
+    "olmo_hybrid": [tuple(n.replace("self_attn", "linear_attn") for n in LLAMA), LLAMA],
+    **{t: [LLAMA, ATTN + SWITCH + SHARED] for t in ("exaone_moe", "mimo_v2_flash")},
+    # afm7: the fused qkv_proj (returns q, k, v) is left out; the KV-reuse layer has a q_proj
+    "afm7": [("mlp.up_proj", "mlp.down_proj"), ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")],
+    "bailing_hybrid": [("attention.query_key_value",) + SWITCH + SHARED,
+                       tuple(n.replace("self_attn", "attention") for n in MLA) + SWITCH + SHARED],
+    "kimi_k3": [("self_attn.qkv_proj",) + SWITCH + SHARED, MLA + SWITCH + SHARED],
+    "jamba": [("mamba.in_proj", "mamba.out_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+              ATTN + ("feed_forward.switch_mlp.up_proj", "feed_forward.switch_mlp.down_proj")],
+    "plamo2": [SSM + ("mlp.gate_up_proj", "mlp.down_proj"), ("mixer.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")],
+}
+OVERRIDES = {
+    "qwen": dict(kv_channels=8), "qwen3_5_moe": dict(full_attention_interval=2),
+    "llama4_text": dict(intermediate_size_mlp=48, no_rope_layers=[1, 0]),
+    # four layers: the fourth is llama4's first global-attention (no rope) layer
+    "llama4": dict(intermediate_size_mlp=48, attention_chunk_size=64, interleave_moe_layer_step=2,
+                   num_experts_per_tok=1, num_hidden_layers=4),
+    "deepseek_v2": dict(rope_scaling=dict(factor=1.0)),
+    **{t: dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0,
+               residual_multiplier=1.0) for t in ("granite", "granitemoe")},
+    "granitemoehybrid": dict(logits_scaling=1.0, attention_multiplier=0.125, embedding_multiplier=1.0,
+                             residual_multiplier=1.0, layer_types=["mamba", "attention"],
+                             shared_intermediate_size=24, mamba_n_heads=4, mamba_d_head=16,
+                             mamba_proj_bias=False, mamba_d_state=8, mamba_d_conv=4, mamba_n_groups=1,
+                             mamba_conv_bias=True),
+    "minicpm": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12),
+    "minicpm3": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12),
+    "mamba": dict(intermediate_size=64, state_size=8, conv_kernel=4, use_conv_bias=True, time_step_rank=4),
+    "mamba2": dict(num_heads=4, head_dim=16, intermediate_size=64, state_size=8, conv_kernel=4, n_groups=1,
+                   use_conv_bias=True, time_step_limit=(0.0, float("inf")), time_step_rank=4),
+    "exaone4": dict(sliding_window_pattern="LG"),
+    "nemotron": dict(hidden_act="relu2"),
+    "nemotron_h": dict(hybrid_override_pattern=["M", "*", "-", "E"], layer_types=None, mamba_num_heads=4,
+                       mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=8, conv_kernel=4,
+                       n_groups=1, use_conv_bias=True, moe_intermediate_size=24,
+                       moe_shared_expert_intermediate_size=24, num_experts_per_tok=2, norm_topk_prob=True,
+                       time_step_limit=(0.0, float("inf"))),
+    "lfm2": dict(conv_bias=False, conv_L_cache=3, block_dim=32, block_ff_dim=48, block_multiple_of=16,
+                 block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False,
+                 layer_types=["conv", "full_attention"]),
+    "lfm2_moe": dict(use_expert_bias=True, num_dense_layers=0, conv_bias=False, conv_L_cache=3,
+                     layer_types=["conv", "full_attention"]),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_num_shared_experts=1),
+    "hunyuan": dict(moe_topk=2, num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=False,
+                    cla_share_factor=1),
+    "dbrx": dict(d_model=32, n_layers=2, n_heads=4,
+                 ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0)),
+    "kimi_linear": dict(linear_attn_config=dict(kda_layers=[1], num_heads=4, head_dim=8, short_conv_kernel_size=4),
+                        model_max_length=128),
+    "minimax": dict(shared_intermediate_size=24),
+    "dots1": dict(),
+    "step3p5": dict(num_attention_groups=2, moe_num_experts=4, moe_top_k=2, moe_intermediate_size=24,
+                    share_expert_dim=24),
+    **{t: dict(attention_method="MLA", zero_expert_type="identity", ffn_hidden_size=48, moe_topk=2,
+                          expert_ffn_hidden_size=24, zero_expert_num=1, mla_scale_q_lora=True,
+                          mla_scale_kv_lora=True, ngram_vocab_size_ratio=2, emb_neighbor_num=2, emb_split_num=2)
+       for t in ("longcat_flash", "longcat_flash_ngram")},
+    "baichuan_m1": dict(sliding_window_layers=[0], conv_window=2),
+    "apertus": dict(post_norm=False),
+    "qwen3_5": dict(full_attention_interval=2),
+    "hunyuan": dict(moe_topk=2, num_shared_expert=1, use_mixed_mlp_moe=True, use_cla=False,
+                    cla_share_factor=1, rope_scaling=dict(alpha=1.0, factor=1.0, type="dynamic")),
+    **{t: dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, llama_4_scaling_beta=0.1,
+                                    original_max_position_embeddings=128)) for t in ("ministral3", "mistral4")},
+    "minicpm3": dict(dim_model_base=32, scale_depth=1.4, scale_emb=12,
+                     rope_scaling=dict(original_max_position_embeddings=128)),
+    "gpt_bigcode": dict(n_inner=48),
+    "gemma3n": dict(num_kv_shared_layers=0, vocab_size_per_layer_input=64, rope_local_base_freq=10000.0,
+                    activation_sparsity_pattern=[0.0, 0.0], hidden_size_per_layer_input=8, altup_num_inputs=2,
+                    altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0, laurel_rank=8),
+    "minimax_m3_vl": dict(moe_layer_freq=[1, 1]),
+    "stablelm": dict(use_qkv_bias=False),
+    "plamo": dict(n_shared_head=2),
+    "afm7": dict(hidden_dim=32, num_kv_reuse_layers=1, num_heads=4, num_kv_heads=2),
+    **{t: dict(layer_group_size=2, group_norm_size=1) for t in ("bailing_moe_linear", "bailing_hybrid")},
+    "exaone_moe": dict(is_moe_layer=[False, True]),
+    "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
+                  mamba_d_conv=4, mamba_d_state=8, mamba_expand=2),
+    "lille-130m": dict(block_size=128, n_kv_heads=2, n_embd=64),  # its MLP width rounds 8/3·n_embd to 256s
+    **{t: dict(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+               linear_conv_kernel_dim=4, linear_allow_neg_eigval=False, full_attention_interval=2,
+               layer_types=["linear_attention", "full_attention"]) for t in ("olmo_hybrid", "qwen3_next")},
+    "openelm": dict(num_transformer_layers=2, model_dim=32, ffn_dim_divisor=16, num_query_heads=[4, 4],
+                    num_kv_heads=[2, 2], ffn_multipliers=[1.5, 1.5]),
+    # phi3small and recurrent_gemma build but are not tested (docs/ARCHITECTURE.md says why)
+    "phi3small": dict(dense_attention_every_n_layers=2, ff_intermediate_size=48, gegelu_limit=20.0),
+    "recurrent_gemma": dict(conv1d_width=4, logits_soft_cap=30.0, attention_window_size=64,
+                            block_types=["recurrent", "attention"]),
+    "rwkv7": dict(a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=8, decay_low_rank_dim=8),
+    **{t: dict(rope_parameters={lt: dict(rope_type="default", rope_theta=10000.0)
+                                for lt in ("sliding_attention", "full_attention")}) for t in ("mellum", "spark2_5")},
+    "phixtral": dict(num_vocab=64, model_dim=32, num_heads=4, num_layers=2, rotary_dim=4),
+    "glm_moe_dsa": dict(index_head_dim=8, index_n_heads=2, index_topk=4, topk_method="noaux_tc",
+                        scoring_func="sigmoid", rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    "mimo_v2_flash": dict(hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], add_swa_attention_sink_bias=False,
+                          add_full_attention_sink_bias=False, sliding_window_size=64, topk_method="noaux_tc",
+                          scoring_func="sigmoid", layernorm_epsilon=1e-5, swa_rope_theta=10000.0,
+                          swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, swa_v_head_dim=8),
+    "nemotron-nas": dict(block_configs=[dict(attention=dict(n_heads_in_group=2), ffn=dict(ffn_mult=1.5))] * 2),
+    "kimi_k3": dict(linear_attn_config=dict(kda_layers=[1], num_heads=4, head_dim=8, short_conv_kernel_size=4),
+                    num_experts_per_token=2),
+    **{t: dict(num_kv_shared_layers=0, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8)
+       for t in ("gemma4_text", "gemma4")},
+}
+# VL wrappers: model_type -> the text model type their `text_config` holds (itself: their own text class)
+TEXT_MODEL = {"mistral3": "ministral3", "pixtral": "llama", "gemma3": "gemma3_text", "qwen3_vl_moe": "qwen3_moe",
+              "lfm2-vl": "lfm2", "llama4": "llama4", "kimi_vl": "deepseek_v3", "kimi_k25": "deepseek_v3",
+              "gemma3n": "gemma3n", "minimax_m3_vl": "minimax_m3_vl",
+              "gemma4": "gemma4_text"}
 TOKENS = mx.array([[1, 5, 9, 12, 40, 7, 3, 30, 2, 8, 13, 21, 34, 55, 6, 11] * 3])
 
 
-def tiny(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_config(model_type: str) -> dict:
     config = dict(TINY, **OVERRIDES.get(model_type, {}), model_type=model_type)
+    if model_type in TEXT_MODEL:
+        text = TEXT_MODEL[model_type]
+        config["text_config"] = dict(TINY, **OVERRIDES.get(text, {}), model_type=text)
+    return config
+
+
+def tiny(model_type: str, seed: int = 0) -> nn.Module:
+    config = tiny_config(model_type)
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
+    if model_type == "talkie":  # its head is a bare array mlx-lm allocates as zeros for the checkpoint
+        model.lm_head = 0.1 * mx.random.normal(model.lm_head.shape)
     model.eval()
     mx.eval(model.parameters())
     return model
@@ -133,8 +318,9 @@ def test_architecture(model_type, tmp_path):
 
 
 def _layer_paths(model):
-    ids = {id(layer) for layer in model.layers}
-    return [p for p, m in model.named_modules() if id(m) in ids]
+    """Decoder layer paths in layer order."""
+    layers = decoder_layers(model)
+    return sorted(layers, key=layers.get)
 
 
 def train_losses(model, optimizer, steps: int = 6) -> list[float]:
@@ -150,7 +336,13 @@ def train_losses(model, optimizer, steps: int = 6) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("model_type", sorted(EXPECTED) + sorted(HYBRID))
+# Types no gradient can be taken through in mlx-lm 0.32 (mlx-lm's LoRA fails the same way), so
+# their adapters are inference-only: deepseek_v41's sparse indexer takes top-k positions without
+# stop_gradient (a VJP error); rwkv7's backward gives NaN.
+UNTRAINABLE = {"deepseek_v41", "rwkv7"}
+
+
+@pytest.mark.parametrize("model_type", sorted((set(EXPECTED) | set(HYBRID)) - UNTRAINABLE))
 def test_training_steps_lower_the_loss(model_type):
     model = tiny(model_type)
     apply_smoa(model, rank=4, num_blocks=2, progress=False)
@@ -179,6 +371,14 @@ def test_all_linear_is_every_linear_layer_but_the_head(model_type):
     if model_type == "qwen3_moe":  # routers and experts are linear layers too
         assert "model.layers.0.mlp.gate" in paths and "model.layers.0.mlp.switch_mlp.gate_proj" in paths
     assert target_paths(model, ["all-linear"]) == paths
+
+
+def test_a_vl_wrapper_without_a_row_takes_its_text_models_row():
+    """mistral3 over a mistral4 (multi-head latent attention) text model: mistral4's row."""
+    config = dict(tiny_config("mistral3"), text_config=tiny_config("mistral4"))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    assert {layer_relative(p) for p in target_paths(model)} == set(EXPECTED["mistral4"])
 
 
 def test_defaults_skip_names_a_model_lacks_but_explicit_targets_are_strict():
