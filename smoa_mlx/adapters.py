@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .archs import ADAPTABLE
+from .archs import adaptable
 from .errors import AdapterError, ConfigError, MissingFileError
 from .files import load_safetensors, read_config, save_safetensors, write_json
 from .layer import base_weight
@@ -100,7 +100,7 @@ def _check_base(model: nn.Module, config: dict, weights: dict, where: Path, file
     modules = dict(model.named_modules())
     orders = {}
     for path in config["modules"]:
-        if path not in modules or not isinstance(modules[path], ADAPTABLE):
+        if path not in modules or not adaptable(modules[path]):
             raise AdapterError(f"{where}: adapter module {path} is not a linear layer of this model")
         w = base_weight(modules[path])
         saved = config.get("fingerprints", {}).get(path)

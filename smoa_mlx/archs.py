@@ -100,6 +100,12 @@ SWITCH_TYPES = (SwitchLinear, QuantizedSwitchLinear)
 ADAPTABLE = LINEAR_TYPES + SWITCH_TYPES
 
 
+def adaptable(m: nn.Module) -> bool:
+    """A linear layer SMoA can stand in for: a subclass with its own `__call__` may return
+    something else (afm7's FusedLinear returns (q, k, v))."""
+    return any(isinstance(m, t) and type(m).__call__ is t.__call__ for t in ADAPTABLE)
+
+
 def model_type(model: nn.Module) -> str | None:
     args = getattr(model, "args", None)
     return getattr(model, "model_type", None) or getattr(args, "model_type", None)

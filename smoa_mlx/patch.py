@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import get_total_parameters
 
 from .archs import (
-    ADAPTABLE, ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, decoder_layers, default_targets, layer_index, model_type,
+    ALL_LINEAR, LLAMA_TARGETS, SWITCH_TYPES, adaptable, decoder_layers, default_targets, layer_index,
+    model_type,
 )
 from .errors import ConfigError, ModelError
 from .layer import SMoALinear, adapter_layers
@@ -25,7 +26,7 @@ _LAYER = re.compile(r"^(?:.*?\.)?\d+\.")
 
 def linear_paths(model: nn.Module) -> list[str]:
     """Module paths of every plain, quantized or MoE-expert linear layer, layers in numeric order."""
-    paths = [p for p, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+    paths = [p for p, m in model.named_modules() if adaptable(m)]
     return sorted(paths, key=natural_key)
 
 

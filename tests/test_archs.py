@@ -388,6 +388,13 @@ def test_defaults_skip_names_a_model_lacks_but_explicit_targets_are_strict():
         target_paths(model, ["q_proj", "up_proj"])
 
 
+def test_a_linear_subclass_with_its_own_call_is_not_adaptable():
+    model = tiny("afm7")  # FusedLinear(nn.Linear) returns (q, k, v)
+    with pytest.raises(ConfigError, match=r"unknown target module\(s\) \['qkv_proj'\]"):
+        target_paths(model, ["qkv_proj"])
+    assert not any(p.endswith("qkv_proj") for p in target_paths(model, "all-linear"))
+
+
 class _Block(nn.Module):
     def __init__(self, layer):
         super().__init__()
