@@ -77,8 +77,14 @@ def base_weight(base: nn.Module, after=None) -> mx.array:
         parts = [base.weight, base.scales] + ([base.biases] if "biases" in base else [])
         if after is not None:
             parts = _tied(parts, after)
-        return mx.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None,
-                             group_size=base.group_size, bits=base.bits, mode=base.mode)
+        w, scales, biases = parts[0], parts[1], parts[2] if len(parts) > 2 else None
+        kw = dict(group_size=base.group_size, bits=base.bits, mode=base.mode)
+        g = getattr(base, "global_scale", None)
+        if g is None:
+            return mx.dequantize(w, scales, biases, **kw)
+        # nvfp4 experts with one global scale each; MLX de-quantizes with a scalar one
+        return mx.stack([mx.dequantize(w[e], scales[e], None if biases is None else biases[e],
+                                       global_scale=g[e], **kw) for e in range(g.shape[0])])
     if isinstance(base, (nn.Linear, SwitchLinear)):
         return base.weight if after is None else _tied([base.weight], after)[0]
     raise TypeError(f"SMoA adapts nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")

@@ -177,5 +177,6 @@ class SMoASwitchLinear(nn.Module):
         if "bias" in base:
             fused.bias = base.bias
         if isinstance(base, QuantizedSwitchLinear) and not dequantize:
-            fused = fused.to_quantized(group_size=base.group_size, bits=base.bits, mode=base.mode)
+            fused = fused.to_quantized(group_size=base.group_size, bits=base.bits, mode=base.mode,
+                                       global_scale=getattr(base, "global_scale", None) is not None)
         return fused

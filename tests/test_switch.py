@@ -176,6 +176,29 @@ def test_fuse_equals_unfused(quantized):
     np.testing.assert_allclose(np.array(plain(x, idx)), np.array(layer(x, idx)), rtol=1e-4, atol=1e-4)
 
 
+def test_nvfp4_experts_with_a_global_scale():
+    """mlx-lm's nvfp4 experts may carry one global scale per expert (gather_qmm applies it);
+    the anchors, the merged path and fuse must too. Only the merged path runs on a CPU
+    (MLX's gather_qmm with a global scale is GPU-only)."""
+    mx.random.seed(0)
+    float_base = SwitchLinear(64, 32, E, bias=False)
+    base = float_base.to_quantized(group_size=16, bits=4, mode="nvfp4", global_scale=True)
+    w = np.array(base_weight(base).astype(mx.float32), np.float64)
+    true = np.array(float_base.weight, np.float64)
+    without = np.array(mx.dequantize(base.weight, base.scales, group_size=16, bits=4, mode="nvfp4")
+                       .astype(mx.float32), np.float64)
+    rel = [np.linalg.norm(v - true) / np.linalg.norm(true) for v in (w, without)]
+    assert rel[0] < 0.15 < 10 < rel[1], rel  # 4-bit rounding only; without the scale, far off
+    layer = SMoASwitchLinear.from_base(base, rank=4, num_blocks=2)
+    layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    x = mx.random.normal((12, 1, 1, 64))
+    idx = mx.array(np.arange(12 * 2).reshape(12, 2) % E)  # 24 slots > E experts: merged path
+    assert layer._path(x, idx) == "merged"
+    np.testing.assert_allclose(np.array(layer(x, idx)), reference_output(layer, x, idx), rtol=1e-4, atol=1e-4)
+    fused = layer.fuse()
+    assert fused.global_scale is not None and fused.mode == "nvfp4"
+
+
 def test_inside_switch_glu_with_sorting():
     """SwitchGLU sorts 64+ slots by expert (sorted_indices=True): same result as unsorted."""
     glu = SwitchGLU(D_IN, 24, E)
