@@ -21,6 +21,7 @@ METHODS = {
     "LoRA r=4": {"method": "lora", "rank": 4},
     "SMoA r=8 K=2": {"method": "smoa", "rank": 8, "num_blocks": 2},
     "SMoA r=16 K=4": {"method": "smoa", "rank": 16, "num_blocks": 4},
+    "SMoA r=16 K=2": {"method": "smoa", "rank": 16, "num_blocks": 2},  # LoRA r=8's parameter count
     "HiRA r=8": {"method": "hira", "rank": 8, "num_blocks": 1},
     "SMoA r=8 K=2, plain Adam": {"method": "smoa", "rank": 8, "num_blocks": 2, "lr_scale": "none"},
 }
@@ -36,6 +37,7 @@ GRID = {
     "LoRA r=4": (1e-2, 3e-2, 1e-1),
     "SMoA r=8 K=2": (1e-2, 3e-2, 1e-1),
     "SMoA r=16 K=4": (1e-2, 3e-2, 1e-1),
+    "SMoA r=16 K=2": (1e-2, 3e-2, 1e-1),
     "HiRA r=8": (1e-2, 3e-2, 1e-1),
     "SMoA r=8 K=2, plain Adam": (3e-2, 1e-1, 3e-1),
 }
