@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                 "quick": quick, "iters": iters, "seeds": seeds, "datasets": names, "methods": labels,
                 "machine": machine(), "model_name": model_path.name, "jobs": args.jobs,
                 "wall_seconds": time.perf_counter() - tic, "load_average": os.getloadavg()[2],
-                "command": "python scripts/reproduce_quality.py" + "".join(f" {a}" for a in sys.argv[1:]),
+                "command": shlex.join(["python", "scripts/reproduce_quality.py", *sys.argv[1:]]),
             }
             save_results(work / "results.json", results, meta)
         plot(results, meta["iters"], datasets, meta["methods"], out_dir / "results_loss.png", plt)
