@@ -63,5 +63,8 @@ def test_the_report_renders_every_section(results, tiny_model_dir, tmp_path):
     # The embedded record is what --quick compares against.
     quick = {"runs": [r for r in results["runs"] if r["lr"] == 3e-2 and r["seed"] == 0]}
     assert report.check_against(out, quick)
+    unrecorded = {**quick["runs"][0], "method": "HiRA r=8"}  # a method the record left out
+    assert report.check_against(out, {"runs": quick["runs"] + [unrecorded]})
+    assert not report.check_against(out, {"runs": [unrecorded]})  # nothing compared: no verdict
     quick["runs"][0] = {**quick["runs"][0], "val_loss": 9.0}
     assert not report.check_against(out, quick)
