@@ -20,24 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError
+from .names import permute, tensor_map
 
 ARCHITECTURES = ("llama",)
 DTYPES = ("float16", "float32")
-
-
-def permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """llama.cpp's Q/K row order (convert_hf_to_gguf LlamaModel.permute) from HF's."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
-    """The inverse of `permute` (for reading a GGUF back)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _vocab(model_dir: Path):
@@ -124,7 +111,7 @@ def write_gguf(path, weights: dict, config: dict, model_dir, dtype: str = "float
     w.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=rank is None, n_vocab=len(tokens)).add_to_gguf(w)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    names = tensor_map(model_type, n_layer)
     for name, value in weights.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
