@@ -79,6 +79,9 @@ def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
 
 
 def _train(args, resume, dist: Distributed) -> dict:
+    from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+    maybe_set_recommended_wired_limit()  # as mlx_lm.lora: keep the model resident on Metal; no-op elsewhere
     mx.reset_peak_memory()
     model, tokenizer, _, _ = load_base(args.model, trust_remote_code=args.trust_remote_code)
     if not args.train:
