@@ -8,11 +8,10 @@ float32 de-quantization is bit for bit the `gguf` package's). F32/F16/BF16 are k
 they are; every other type (K-quants, IQ...) is de-quantized by the `gguf` package to
 float16, with a note.
 
-MLX reads GGUF natively (`mx.load`), fast and exactly so for F32, F16, Q4_0, Q4_1 and
-Q8_0, which is what llama.cpp writes for those file types. It refuses the whole file when
-any tensor has another type, and reads BF16 as float16 (out of range values lost), so those
-files are read with the `gguf` package's reader (slower: it parses the vocabulary in Python)
-and the three formats packed here in NumPy, the same way.
+MLX reads GGUF natively (`mx.load`): fast, and exact for F32, F16, Q4_0, Q4_1 and Q8_0.
+A file with any other tensor type (a K-quant output layer is common in Q4_0 files) is read
+with the `gguf` package's reader (slower: it parses the vocabulary in Python; once, the
+loader caches the result) and the three formats packed here in NumPy, the same way.
 """
 
 from __future__ import annotations
@@ -25,11 +24,14 @@ import numpy as np
 
 from ..errors import ModelError
 
-# general.file_type values whose tensors mx.load reads exactly (ALL_F32, MOSTLY_F16,
-# MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q8_0; norms are F32 in all of them).
-NATIVE_FILE_TYPES = (0, 1, 2, 3, 7)
+# The tensor types mx.load reads exactly. It also reads Q2_K/Q4_K/Q6_K (de-quantized to
+# float16 by its own code, Q4_K wrongly here) and BF16 (as float16, losing what float16
+# cannot hold), so the types are checked first (`tensor_types`).
+NATIVE = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 GROUP = 32
+# GGUF metadata value types of fixed size (bytes); 8 is a string, 9 an array.
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 class GGUF(NamedTuple):
@@ -43,17 +45,67 @@ def read_gguf(path) -> GGUF:
     """Everything in the GGUF at `path`; a file that is not one (truncated, unknown tensor
     type) is one `ModelError` naming it."""
     path = Path(path)
-    try:
-        tensors, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError):
-        tensors = meta = None
-    if meta is not None and _scalar(meta.get("general.file_type")) in NATIVE_FILE_TYPES:
-        return GGUF(path, {k: _python(v) for k, v in meta.items()}, tensors, [])
+    types = tensor_types(path)
+    if set(types.values()) <= NATIVE:
+        try:
+            tensors, meta = mx.load(str(path), return_metadata=True)
+            return GGUF(path, {k: _python(v) for k, v in meta.items()}, tensors, [])
+        except (RuntimeError, ValueError):
+            pass  # the gguf reader below says what is wrong
     return _read_with_gguf(path)
 
 
-def _scalar(value):
-    return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
+def tensor_types(path: Path) -> dict[str, str]:
+    """{tensor name: ggml type name} from the GGUF header, skipping the metadata values (the
+    `gguf` reader parses them all, seconds for a large vocabulary; this takes milliseconds)."""
+    from gguf import GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+        pos, types = 0, {}
+
+        def take(n):
+            nonlocal data, pos
+            while pos + n > len(data):
+                more = f.read(max(n, 1 << 20))
+                if not more:
+                    raise ModelError(f"{path}: not a readable GGUF file (truncated header)")
+                data += more
+            pos += n
+            return data[pos - n:pos]
+
+        def skip(kind):
+            if kind in _FIXED:
+                take(_FIXED[kind])
+            elif kind == 8:
+                take(int.from_bytes(take(8), "little"))
+            elif kind == 9:
+                item, count = int.from_bytes(take(4), "little"), int.from_bytes(take(8), "little")
+                if item in _FIXED:
+                    take(_FIXED[item] * count)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ModelError(f"{path}: not a readable GGUF file (metadata value type {kind})")
+
+        if data[:4] != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (no GGUF magic)")
+        head = take(24)
+        n_tensors, n_kv = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+        for _ in range(n_kv):
+            skip(8)
+            skip(int.from_bytes(take(4), "little"))
+        for _ in range(n_tensors):
+            name = take(int.from_bytes(take(8), "little")).decode("utf-8", "replace")
+            take(8 * int.from_bytes(take(4), "little"))
+            kind = int.from_bytes(take(4), "little")
+            take(8)
+            try:
+                types[name] = GGMLQuantizationType(kind).name
+            except ValueError:
+                raise ModelError(f"{path}: tensor {name} has an unknown tensor type ({kind})") from None
+    return types
 
 
 def _python(value):
