@@ -318,3 +318,25 @@ def test_a_gguf_without_tokenizer_is_one_line(tok_dir, tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ModelError, match=r"no_tok.gguf: the GGUF has no tokenizer"):
         smoa_mlx.load(str(tmp_path / "no_tok.gguf"))
+
+
+def test_sentencepiece_llama_vocabulary_round_trips(stories_dir, tmp_path):
+    """A SentencePiece ("llama") vocabulary, written by the project's own GGUF writer from the
+    real stories260K Llama: same tokens and logits as the original directory."""
+    from mlx.utils import tree_flatten as flat
+    from transformers import AutoTokenizer
+
+    from smoa_mlx.gguf import write_gguf as project_writer
+
+    model, tokenizer, config = smoa_mlx.load(str(stories_dir), return_config=True)
+    path = project_writer(tmp_path / "stories.gguf", dict(flat(model.parameters())), config, stories_dir,
+                          "float32")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].contents() == "llama"
+    ours, our_tok = smoa_mlx.load(str(path))
+    original = AutoTokenizer.from_pretrained(str(stories_dir))
+    for text in ["Once upon a time, there was a little girl named Lily.", "  Tom said: \"Hi!\"\n\nThe end",
+                 "ünïcödé 日本語"]:
+        assert our_tok.encode(text) == original.encode(text), text
+        assert our_tok.decode(our_tok.encode(text)) == original.decode(original.encode(text))
+    ids = original.encode("Once upon a time, there was a little girl")
+    assert rel_err(logits(ours, ids), logits(model, ids)) < 1e-5

@@ -62,4 +62,17 @@ def save_tokenizer(metadata: dict, out: Path, source) -> None:
     except (ValueError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{source}: cannot build its tokenizer {kind!r} ({reason})") from None
+    if kind == "llama" and metadata.get("tokenizer.ggml.add_space_prefix", True):
+        _always_prefix(backend)
     PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra).save_pretrained(str(out))
+
+
+def _always_prefix(backend) -> None:
+    """SentencePiece's dummy prefix on every text, as llama.cpp (`add_space_prefix`) and
+    SentencePiece itself add it: " Tom" is "▁▁Tom". transformers' Metaspace(prepend_scheme=
+    "first") skips it when the text starts with a space, so such texts tokenized otherwise."""
+    from tokenizers import normalizers
+
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
