@@ -340,3 +340,48 @@ def test_sentencepiece_llama_vocabulary_round_trips(stories_dir, tmp_path):
         assert our_tok.decode(our_tok.encode(text)) == original.decode(original.encode(text))
     ids = original.encode("Once upon a time, there was a little girl")
     assert rel_err(logits(ours, ids), logits(model, ids)) < 1e-5
+
+
+def test_llama3_rope_frequency_factors_become_mlx_lm_rope_scaling(tok_dir, tmp_path):
+    """Llama 3.1+ GGUFs carry RoPE scaling as per-frequency factors (rope_freqs, computed as
+    convert_hf_to_gguf does below); loaded, the model is mlx-lm's with that rope_scaling."""
+    import math
+
+    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    model, config = tiny_model("llama", vocab, rope_scaling=scaling, rope_theta=500000.0,
+                               num_attention_heads=1, num_key_value_heads=1)  # head_dim 64, as Llama 3.2
+    dims = config["hidden_size"]
+    factors = []
+    for freq in 1.0 / (500000.0 ** (np.arange(0, dims, 2, dtype=np.float32) / dims)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4.0:
+            factors.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            factors.append(32.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 32.0 + smooth))
+    path = write_gguf(tmp_path / "l3.gguf", model, config, tok_dir)
+    data = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "l3r.gguf"), "llama")  # the same file plus rope_freqs
+    for key, field in data.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            kind = field.types[0]
+            value = field.contents()
+            if kind == gguf.GGUFValueType.ARRAY:
+                w.add_array(key, value)
+            else:
+                w.add_key_value(key, value, kind)
+    for t in data.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.add_tensor("rope_freqs.weight", np.array(factors, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours, _, cfg = smoa_mlx.load(str(tmp_path / "l3r.gguf"), return_config=True)
+    got = cfg["rope_scaling"]
+    assert got["rope_type"] == "llama3" and got["factor"] == 32.0
+    assert got["low_freq_factor"] == pytest.approx(1.0, rel=1e-4)
+    assert got["high_freq_factor"] == pytest.approx(4.0, rel=1e-4)
+    ids = list(range(1, 40))
+    assert rel_err(logits(ours, ids), logits(model, ids)) < 1e-5

@@ -65,6 +65,13 @@ def mlx_config(g: GGUF) -> dict:
     config["tie_word_embeddings"] = "output.weight" not in g.tensors
     config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     scaling = _rope_scaling(meta, arch, g.path)
+    if "rope_freqs.weight" in g.tensors:
+        scaling = llama3_rope_scaling(np.array(g.tensors["rope_freqs.weight"].astype(mx.float32)),
+                                      meta.get(f"{arch}.rope.dimension_count", config["head_dim"]),
+                                      config.get("rope_theta", 10000.0))
+        if scaling is None:
+            raise ModelError(f"{g.path}: rope_freqs.weight is not Llama 3's RoPE scaling "
+                             "(no llama3 rope_scaling reproduces it)")
     if scaling:
         config["rope_scaling"] = scaling
     if model_type in GEMMA_27B_LAYERS:
@@ -94,6 +101,29 @@ def _rope_scaling(meta: dict, arch: str, path) -> dict | None:
     raise ModelError(f"{path}: RoPE scaling {kind!r} is not supported (linear and yarn are)")
 
 
+def llama3_rope_scaling(factors: np.ndarray, dims: int, base: float, context: int = 8192) -> dict | None:
+    """mlx-lm's "llama3" rope_scaling from llama.cpp's per-frequency factors (`rope_freqs`,
+    how convert_hf_to_gguf stores Llama 3.1+ scaling), or None when no such scaling yields
+    them. Only context/low and context/high are determined, so the context is fixed (8192,
+    Llama 3's) and the low/high factors fitted to the smoothly scaled band."""
+    factors = np.asarray(factors, np.float64)
+    wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    factor = float(factors.max())
+    medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or medium.sum() < 2 or factors.shape != wavelen.shape:
+        return None
+    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)  # = context/(wl (hi-lo)) - lo/(hi-lo)
+    slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
+    span = context / slope
+    low = -intercept * span
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+               "high_freq_factor": float(low + span), "original_max_position_embeddings": context}
+    low_wl, high_wl = context / low, context / (low + span)
+    s = (context / wavelen - low) / span
+    again = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, factor, 1 / ((1 - s) / factor + s)))
+    return scaling if np.allclose(again, factors, rtol=1e-5) else None
+
+
 def _model_names(config: dict) -> list[str]:
     """The parameter names of mlx-lm's model for `config` (built lazily: nothing allocated)."""
     from mlx.utils import tree_flatten
@@ -118,6 +148,8 @@ def mlx_weights(g: GGUF, config: dict, dequantize: bool = False) -> tuple[dict, 
     weights, bits = {}, {}
     for gname, value in g.tensors.items():
         gstem, _, leaf = gname.rpartition(".")
+        if gstem == "rope_freqs":  # in config.json's rope_scaling (mlx_config)
+            continue
         if gstem not in stem:
             raise ModelError(f"{g.path}: tensor {gname} has no place in mlx-lm's {model_type} model")
         module = stem[gstem]
