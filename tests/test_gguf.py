@@ -181,8 +181,8 @@ def test_quantized_types_are_lossless_and_mixed_types_load(native, tok_dir, tmp_
     types = {"token_embd.weight": Q.Q8_0, "output.weight": Q.F16, "blk.0.attn_q.weight": Q.Q4_0,
              "blk.0.attn_k.weight": Q.Q4_1, "blk.1.attn_q.weight": Q.Q4_1, "blk.1.ffn_up.weight": Q.Q8_0,
              "blk.0.ffn_down.weight": Q.Q4_0}
-    if not native:
-        types["blk.1.ffn_down.weight"] = Q.Q6_K
+    if not native:  # types MLX's loader would get wrong: read with gguf's reader
+        types.update({"blk.1.ffn_down.weight": Q.Q6_K, "blk.1.attn_k.weight": Q.BF16})
     path = write_gguf(tmp_path / "q.gguf", model, config, tok_dir, types,
                       file_type=gguf.LlamaFileType.MOSTLY_Q4_1)
     g = read.read_gguf(path)
@@ -209,6 +209,7 @@ def test_quantized_types_are_lossless_and_mixed_types_load(native, tok_dir, tmp_
     assert q["model.layers.1.mlp.up_proj"]["bits"] == 8
     assert type(ours.model.embed_tokens).__name__ == "QuantizedEmbedding"
     assert ours.model.layers[1].mlp.down_proj.weight.dtype == (mx.float32 if native else mx.float16)
+    assert ours.model.layers[1].self_attn.k_proj.weight.dtype == (mx.float32 if native else mx.bfloat16)
     ids = tokenizer.encode(TEXTS[0])
     # transformers de-quantizes to float32; we keep the Q6_K tensor as float16 (rounded once)
     assert rel_err(logits(ours, ids), transformers_logits(path, ids)) < (1e-5 if native else 1e-3)
