@@ -386,3 +386,23 @@ def test_llama3_rope_frequency_factors_become_mlx_lm_rope_scaling(tok_dir, tmp_p
     assert got["high_freq_factor"] == pytest.approx(4.0, rel=1e-4)
     ids = list(range(1, 40))
     assert rel_err(logits(ours, ids), logits(model, ids)) < 1e-5
+
+
+def test_fuse_and_adapters_on_a_gguf_base(tok_dir, tmp_path, make_adapter):
+    """An adapter made on the GGUF fuses through `fuse` (the base's files come from the
+    converted directory) into the model the adapter gives, quantized layers included."""
+    from smoa_mlx.fuse import fuse
+
+    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    model, config = tiny_model("llama", vocab, seed=4)
+    path = write_gguf(tmp_path / "f.gguf", model, config, tok_dir, {"blk.1.attn_q.weight": Q.Q8_0},
+                      file_type=gguf.LlamaFileType.MOSTLY_Q8_0)
+    adapter = make_adapter(path, tmp_path / "adapter", b=0.05)
+    fuse(str(path), adapter, tmp_path / "fused", dequantize=True, log=lambda *_: None)
+    ids = [1, 5, 9, 33, 100]
+    adapted, _ = smoa_mlx.load(str(path), adapter_path=str(adapter))
+    fused, fused_tok = smoa_mlx.load(str(tmp_path / "fused"))
+    base, _ = smoa_mlx.load(str(path))
+    assert rel_err(logits(fused, ids), logits(adapted, ids)) < 1e-4
+    assert rel_err(logits(base, ids), logits(adapted, ids)) > 1e-3
+    assert fused_tok.encode(TEXTS[0]) == smoa_mlx.load(str(path))[1].encode(TEXTS[0])
