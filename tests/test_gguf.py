@@ -215,7 +215,7 @@ def test_quantized_types_are_lossless_and_mixed_types_load(native, tok_dir, tmp_
     assert rel_err(logits(ours, ids), transformers_logits(path, ids)) < (1e-5 if native else 1e-3)
 
 
-def test_convert_gguf_saves_a_dir_that_loads_identically(tok_dir, tmp_path):
+def test_convert_gguf_saves_a_dir_that_loads_identically(tok_dir, tmp_path, make_adapter):
     from smoa_mlx.convert.__main__ import main
 
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
@@ -231,9 +231,15 @@ def test_convert_gguf_saves_a_dir_that_loads_identically(tok_dir, tmp_path):
     assert np.array_equal(logits(a, ids), logits(b, ids))
     assert "quantization" not in cfg and c.model.layers[0].self_attn.q_proj.weight.dtype == mx.float16
     assert rel_err(logits(c, ids), logits(a, ids)) < 1e-2
+    # the fingerprints of the GGUF's quantized weights match the de-quantized copy's
+    adapter = make_adapter(path, tmp_path / "adapter", b=0.05)
+    on_gguf, _ = smoa_mlx.load(str(path), adapter_path=str(adapter))
+    on_f16, _ = smoa_mlx.load(str(tmp_path / "f16"), adapter_path=str(adapter))
+    assert rel_err(logits(on_f16, ids), logits(on_gguf, ids)) < 1e-2
 
 
-def test_the_converted_directory_is_cached_by_file_identity(tok_dir, tmp_path, plan_cache_dir, capsys):
+def test_the_converted_directory_is_cached_by_file_identity(tok_dir, tmp_path, plan_cache_dir, capsys,
+                                                           monkeypatch):
     from smoa_mlx.loader import model_dir
 
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
@@ -246,6 +252,9 @@ def test_the_converted_directory_is_cached_by_file_identity(tok_dir, tmp_path, p
     assert "cached at" not in capsys.readouterr().err
     write_gguf(path, *tiny_model("qwen2", vocab, seed=3), tok_dir)  # a new file: a new entry
     assert model_dir(str(path)) != first
+    monkeypatch.setenv("SMOA_MLX_CACHE", "0")  # cache off: a temporary directory for this process
+    off = model_dir(str(path))
+    assert plan_cache_dir not in off.parents and (off / "config.json").is_file()
 
 
 def test_lm_studio_dirs_and_ollama_names_resolve(tmp_path, monkeypatch):
