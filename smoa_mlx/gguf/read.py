@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import ModelError
 
 # The tensor types mx.load reads exactly. It also reads Q2_K/Q4_K/Q6_K (de-quantized to
-# float16 by its own code, Q4_K wrongly here) and BF16 (as float16, losing what float16
+# float16 by its own code; Q4_K wrongly, errors of 75% of the largest value measured) and BF16 (as float16, losing what float16
 # cannot hold), so the types are checked first (`tensor_types`).
 NATIVE = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}
 BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
@@ -125,8 +125,6 @@ def _read_with_gguf(path: Path) -> GGUF:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on bad bytes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "GGMLQuantizationType" in reason:
-            reason = f"unknown tensor type ({reason})"
         raise ModelError(f"{path}: not a readable GGUF file ({reason})") from None
     metadata = {name: field.contents() for name, field in reader.fields.items()
                 if not name.startswith("GGUF.")}
