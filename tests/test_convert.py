@@ -354,7 +354,7 @@ def cli(argv, capsys):
 
 
 def test_help(capsys):
-    for argv in (["--help"], ["import", "--help"], ["export", "--help"]):
+    for argv in (["--help"], ["import", "--help"], ["export", "--help"], ["gguf", "--help"]):
         code, out = cli(argv, capsys)
         assert code == 0 and "usage:" in out.out
 

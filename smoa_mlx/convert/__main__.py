@@ -1,4 +1,5 @@
-"""python -m smoa_mlx.convert import|export: adapters between MLX and PyTorch layouts."""
+"""python -m smoa_mlx.convert import|export|gguf: adapters between MLX and PyTorch layouts;
+a GGUF model (llama.cpp, Ollama, LM Studio) as an MLX model directory."""
 
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="PyTorch adapter directory to write.")
     exp.add_argument("--rank", type=int, default=None,
                      help="lora only: rank of the approximation (default: the adapter's rank).")
+    gg = sub.add_parser("gguf", help="GGUF model -> MLX model directory",
+                        description="Write a GGUF model (llama.cpp, Ollama, LM Studio) as an MLX model "
+                                    "directory: Q4_0/Q4_1/Q8_0 stay quantized (lossless), other "
+                                    "quantized types are de-quantized.")
+    gg.add_argument("--model", required=True,
+                    help="A .gguf file, a directory holding one, or ollama:NAME[:TAG].")
+    gg.add_argument("--save-path", required=True, help="MLX model directory to write.")
+    gg.add_argument("--dequantize", action="store_true",
+                    help="Write float16 weights instead of MLX's quantized formats.")
     for p in (imp, exp):
         p.add_argument("--no-parity", action="store_true",
                        help="Skip measuring MLX vs PyTorch logits (which needs the torch extra).")
@@ -48,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "gguf":
+        from ..gguf.model import convert_gguf
+
+        convert_gguf(args.model, args.save_path, args.dequantize)
+        return 0
     if args.command == "import":
         import_adapter(args.format, args.model, args.src, args.out, not args.no_parity,
                        plan_dtype=args.plan_dtype)

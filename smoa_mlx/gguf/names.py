@@ -43,6 +43,9 @@ HPARAMS = {
     "rope_theta": "{arch}.rope.freq_base",
     "head_dim": "{arch}.attention.key_length",
     "vocab_size": "{arch}.vocab_size",
+    "attn_logit_softcapping": "{arch}.attn_logit_softcapping",    # gemma2
+    "final_logit_softcapping": "{arch}.final_logit_softcapping",  # gemma2
+    "sliding_window": "{arch}.attention.sliding_window",          # gemma2, gemma3
 }
 
 
