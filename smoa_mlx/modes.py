@@ -5,7 +5,9 @@
 and for the loss of a batch (`loss(model, *batch) -> (mean loss, weight)`: the loop
 accumulates gradients, reports and validates weighted by `weight`). A new mode (DPO,
 ORPO: batches of chosen/rejected pairs, a preference loss) is a new class here, not a
-branch through the loop.
+branch through the loop. The loop reports the loss alone: metrics beyond it (DPO's
+reward margins) would be a third output of `loss`, summed like it by the step and kept
+in the training state's report window.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from .data import Batcher
 
 
 class Mode(Protocol):
-    name: str
-
     def batcher(self, examples, batch_size: int, max_seq_length: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1): ...
 
@@ -41,8 +41,6 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.arra
 class SFT:
     """Supervised fine-tuning: next-token cross-entropy on the completion tokens of
     `data.Example`s (the prompt masked when the example says so)."""
-
-    name = "sft"
 
     def batcher(self, examples, batch_size: int, max_seq_length: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1) -> Batcher:

@@ -40,11 +40,6 @@ class Server(ThreadingHTTPServer):
             print(f"error: {client_address[0]}: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
-    def vocab(self) -> int:
-        args = getattr(self.model, "args", None)
-        return getattr(args, "vocab_size", None) or len(self.tokenizer.get_vocab())
-
-    @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
