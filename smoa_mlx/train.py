@@ -28,15 +28,17 @@ from .errors import ConfigError
 from .hub import adapter_files, upload_folder
 from .loader import load_base, load_model
 from .lr_scale import default_rate, step_scales
+from .modes import SFT, loss_fn
+from .config_file import load_config
 from .options import (
     BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, PER_INVOCATION, REAL_MODEL,
-    STRUCTURAL, build_parser, load_config, resolve,
+    STRUCTURAL, build_parser, resolve,
 )
 from .rank import format_rank_report, rank_report
 from .schedule import build_optimizer, build_schedule
 from .trainer import (
     DTYPES, Loop, adapt, adapter_config, describe, estimate_memory, eval_total, evaluate,
-    grad_checkpoint, loss_fn, make_step, upcast_base, _float_dtype, _rng_key,
+    grad_checkpoint, make_step, upcast_base, _float_dtype, _rng_key,
 )
 
 __all__ = [
@@ -58,14 +60,14 @@ def train(args) -> dict:
         return _train(args, resume, dist)
 
 
-def _batchers(data: dict, args, dist: Distributed, seed: int) -> dict[str, Batcher]:
-    """This process's share of every global batch of --batch-size examples."""
+def _batchers(data: dict, args, dist: Distributed, seed: int, mode=SFT()) -> dict[str, Batcher]:
+    """This process's share of every global batch of --batch-size examples, as `mode` batches."""
     if args.batch_size % dist.size:
         raise ConfigError(f"--batch-size {args.batch_size} is the global batch; it must be "
                          f"divisible by the {dist.size} processes")
     local = args.batch_size // dist.size
-    return {s: Batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
-                       world_size=dist.size) for s, d in data.items() if d}
+    return {s: mode.batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
+                            world_size=dist.size) for s, d in data.items() if d}
 
 
 def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:
@@ -83,14 +85,15 @@ def _train(args, resume, dist: Distributed) -> dict:
 
     maybe_set_recommended_wired_limit()  # as mlx_lm.lora: keep the model resident on Metal; no-op elsewhere
     mx.reset_peak_memory()
+    mode = SFT()  # what a batch is and its loss (modes.py); SFT is the one mode so far
     model, tokenizer, _, _ = load_base(args.model, trust_remote_code=args.trust_remote_code)
     if not args.train:
-        return _test_only(model, tokenizer, args, dist)
+        return _test_only(model, tokenizer, args, dist, mode)
     if args.learning_rate is None:  # smoa/hira: follows the width (lr_scale.default_rate)
         args.learning_rate = default_rate(model)
     splits = ("train", "valid") + (("test",) if args.test else ())
     data = _load_data(args, tokenizer, splits)
-    batchers = _batchers(data, args, dist, args.seed)
+    batchers = _batchers(data, args, dist, args.seed, mode)
 
     mx.random.seed(args.seed)
     if args.upcast_base:
@@ -151,7 +154,7 @@ def _train(args, resume, dist: Distributed) -> dict:
         checkpoint.remove_stale_temps(out)
 
     config = adapter_config(model, args, paths)
-    result = Loop(model, optimizer, args, config, batchers, state, dist).run()
+    result = Loop(model, optimizer, args, config, batchers, state, dist, mode).run()
     result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9,
                   world_size=dist.size)
     # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank). The
@@ -161,7 +164,7 @@ def _train(args, resume, dist: Distributed) -> dict:
         print(format_rank_report(result["rank_report"]))
     if args.test:
         model.eval()
-        result["test_loss"] = _test_loss(model, batchers["test"], args, dist)
+        result["test_loss"] = _test_loss(model, batchers["test"], args, dist, mode)
     if dist.main:
         write_adapter_card(out, metrics={**result, "data": args.data})
         if args.upload_repo:
@@ -180,25 +183,25 @@ def _load_data(args, tokenizer, splits) -> dict:
     return load_data(spec, tokenizer, mask_prompt=args.mask_prompt, splits=splits, **features)
 
 
-def _test_loss(model, batcher, args, dist) -> float:
-    loss = evaluate(model, batcher.eval_batches(args.test_batches), dist=dist,
+def _test_loss(model, batcher, args, dist, mode) -> float:
+    loss = evaluate(model, batcher.eval_batches(args.test_batches), mode.loss, dist=dist,
                     desc="Testing", total=eval_total(batcher, args.test_batches))
     print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}")
     return loss
 
 
-def _test_only(model, tokenizer, args, dist: Distributed) -> dict:
+def _test_only(model, tokenizer, args, dist: Distributed, mode) -> dict:
     from .adapters import load_adapter
 
     data = _load_data(args, tokenizer, ("test",))
     if args.adapter_path:
         load_adapter(model, args.adapter_path)
     model.eval()
-    batcher = _batchers(data, args, dist, seed=0)["test"]
+    batcher = _batchers(data, args, dist, seed=0, mode=mode)["test"]
     if dist.size > 1:
         fingerprint = {"the model and adapter (config, shapes, sampled weights)": model_digest(model)}
         dist.check_agreement(*_agreement(args, data, fingerprint))
-    return {"adapter_path": args.adapter_path, "test_loss": _test_loss(model, batcher, args, dist)}
+    return {"adapter_path": args.adapter_path, "test_loss": _test_loss(model, batcher, args, dist, mode)}
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,11 @@
-"""The training loop: the compiled step, evaluation, progress reports and checkpoints.
+"""The training loop: the compiled step, evaluation and checkpoints, for any training mode.
 
 One `mx.compile`d step (loss, gradient, optimizer update) over the adapter parameters
-only; `Loop` runs it, reports, validates and saves a `checkpoint.TrainingState` with
-the optimizer state, so `--resume` continues a run exactly. Over a distributed group
-the gradients are summed inside the step and normalised by the group's token count.
+only; `Loop` runs it, reports (`reporting.py`), validates and saves a
+`checkpoint.TrainingState` with the optimizer state, so `--resume` continues a run
+exactly. What a batch is and what it costs is the `modes.Mode` the loop is given.
+Over a distributed group the gradients are summed inside the step and normalised by
+the group's token count.
 """
 
 from __future__ import annotations
@@ -27,30 +29,21 @@ from .adapters import smoa_config
 from .card import write_adapter_card
 from .distributed import Distributed
 from .errors import ConfigError, SMoAError
+from .modes import SFT, Mode, loss_fn
 from .patch import apply_smoa, default_keys, layer_relative, smoa_layers, summarize, target_paths
+from .reporting import Reporter, progress
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-# A progress line at most this often (seconds) when stderr is not a terminal (logs).
-PROGRESS_SECONDS = 10.0
 
 
 class Diverged(SMoAError):
     """The loss or the adapter became NaN/inf: training stopped at the last good checkpoint."""
 
 
-def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array):
-    """Masked mean cross-entropy over the `mask` tokens, and their count.
-
-    A batch without loss tokens (every completion truncated away) gives 0, not NaN.
-    """
-    logits = model(inputs)
-    ntoks = mask.sum()
-    ce = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
-    return ce / mx.maximum(ntoks, 1), ntoks
-
-
 def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
-    """One compiled function per micro-batch: loss, gradient, and (if `do_update`) the update.
+    """One compiled function per micro-batch, `step(*batch, acc, do_update)`: `loss`'s
+    value (a mode's `loss(model, *batch) -> (mean, tokens)`), gradient, and (if
+    `do_update`) the update.
 
     Gradients are summed weighted by each micro-batch's token count and divided by
     the total at the update, so N accumulated micro-batches give exactly the update
@@ -65,8 +58,9 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
     world = group.size() if group is not None else 1
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs, targets, mask, acc, do_update):
-        (value, ntoks), grad = value_and_grad(model, inputs, targets, mask)
+    def step(*args):
+        *batch, acc, do_update = args
+        (value, ntoks), grad = value_and_grad(model, *batch)
         grad = tree_map(lambda g: g * ntoks, grad)
         if world > 1:
             stats = mx.distributed.all_sum(mx.stack([value * ntoks, ntoks]), group=group)
@@ -94,7 +88,7 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
 
 def evaluate(model: nn.Module, batches, loss=loss_fn, dist: Distributed | None = None,
              desc: str | None = None, total: int | None = None) -> float:
-    """Token-weighted mean loss over `batches` of (inputs, targets, mask); with `dist`,
+    """Token-weighted mean `loss` over `batches` (of the loss's mode); with `dist`,
     over every rank's rows of them. With `desc`, rank 0 shows its progress."""
     show = desc is not None and (dist is None or dist.main)
     loss_sum, ntoks = mx.array(0.0), mx.array(0.0)
@@ -107,35 +101,6 @@ def evaluate(model: nn.Module, batches, loss=loss_fn, dist: Distributed | None =
     if dist is not None and dist.size > 1:
         loss_sum, ntoks = map(mx.array, dist.sum([loss_sum.item(), ntoks.item()], "an evaluation"))
     return (loss_sum / mx.maximum(ntoks, 1)).item()
-
-
-@contextmanager
-def progress(desc: str | None, total: int | None, show: bool = True):
-    """Yields `advance()`, called once per batch: a tqdm bar on a terminal; in a log
-    (stderr not a terminal), a line every `PROGRESS_SECONDS`, so a long evaluation
-    shows it is alive. tqdm is imported only when a bar is drawn."""
-    if not show:
-        yield lambda: None
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=desc, leave=False, unit="batch") as bar:
-            yield bar.update
-        return
-    start = last = time.perf_counter()
-    done = 0
-
-    def advance():
-        nonlocal done, last
-        done += 1
-        now = time.perf_counter()
-        if now - last >= PROGRESS_SECONDS:
-            of = f"/{total}" if total is not None else ""
-            print(f"{desc}: {done}{of} batches, {now - start:.1f}s", flush=True)
-            last = now
-
-    yield advance
 
 
 def eval_total(batcher, num_batches: int) -> int:
@@ -307,37 +272,33 @@ def _stop_on_sigint(announce: bool = True):
         signal.signal(signal.SIGINT, previous)
 
 
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _rng_key() -> list[int]:
     return [int(x) for x in mx.random.state[0].tolist()]
 
 
 class Loop:
     """The training loop over one `checkpoint.TrainingState`: updates, reports,
-    validations, checkpoints; a Ctrl-C or a NaN stops it at a saved update."""
+    validations, checkpoints; a Ctrl-C or a NaN stops it at a saved update. `batchers`
+    are `mode`'s, and `mode.loss` is what the steps and validations compute."""
 
-    def __init__(self, model, optimizer, args, config, batchers, state, dist: Distributed):
+    def __init__(self, model, optimizer, args, config, batchers, state, dist: Distributed,
+                 mode: Mode = SFT()):
         self.model, self.optimizer, self.args, self.config = model, optimizer, args, config
-        self.dist, self.state = dist, state
+        self.dist, self.state, self.mode = dist, state, mode
         self.train_batches, self.valid = batchers["train"], batchers.get("valid")
         self.out = Path(args.adapter_path)
         self.last_saved = state.step or None
         state.rng = _rng_key()  # at the last update boundary: a resumed run restarts there
         state.args = vars(args)
-        self.timer = {"time": 0.0, "tokens": 0.0, "steps": 0}
-        self.session = {"time": 0.0, "tokens": 0.0, "steps": 0}
+        self.reporter = Reporter(self.out, args.iters, dist.main)
         self.last_train_loss = None
 
     def run(self) -> dict:
         args, start = self.args, self.state.step
         initial = self.validate() if start == 0 else None
         val_loss = initial
-        step_fn, compiled_state = make_step(self.model, self.optimizer, group=self.dist.group)
+        step_fn, compiled_state = make_step(self.model, self.optimizer, self.mode.loss,
+                                            group=self.dist.group)
         self.model.train()
         with _stop_on_sigint(announce=self.dist.main) as flag:
             try:
@@ -359,13 +320,10 @@ class Loop:
         if start >= args.iters:
             print(f"Nothing to train: {self.out} is at step {start} >= --iters {args.iters}")
             self.save()  # the adapter files may lag the training state (an interrupted save)
-        s = self.session
         return {
             "adapter_path": str(self.out), "steps": self.state.step, "initial_val_loss": initial,
             "val_loss": val_loss, "train_loss": self.last_train_loss,
-            "trained_tokens": self.state.trained_tokens,
-            "tokens_per_second": s["tokens"] / s["time"] if s["time"] else None,
-            "iterations_per_second": s["steps"] / s["time"] if s["time"] else None,
+            "trained_tokens": self.state.trained_tokens, **self.reporter.throughput(),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
         }
 
@@ -387,36 +345,18 @@ class Loop:
         if self.args.clear_cache_threshold and \
                 mx.get_cache_memory() > self.args.clear_cache_threshold:
             mx.clear_cache()
-        dt = time.perf_counter() - tic
-        for t in (self.timer, self.session):
-            t["time"] += dt
-            t["tokens"] += tokens
-            t["steps"] += 1
+        self.reporter.update(time.perf_counter() - tic, tokens)
         st.trained_tokens += tokens
         st.window["loss"] += loss_sum
         st.window["tokens"] += tokens
         st.window["steps"] += 1
 
     def report(self) -> None:
-        args, t, s, st = self.args, self.timer, self.session, self.state
+        st = self.state
         loss = st.window["loss"] / max(st.window["tokens"], 1)
-        lr = self.optimizer.learning_rate.item()
-        peak = mx.get_peak_memory() / 1e9
-        eta = (args.iters - st.step) * s["time"] / s["steps"]
-        print(f"Iter {st.step}/{args.iters}: train loss {loss:.3f}, lr {lr:.3e}, "
-              f"it/s {t['steps'] / t['time']:.3f}, tok/s {t['tokens'] / t['time']:.1f}, "
-              f"peak mem {peak:.3f} GB, ETA {_fmt_time(eta)}", flush=True)
+        self.reporter.train(st.step, loss, self.optimizer.learning_rate.item(), st.trained_tokens)
         self.last_train_loss = loss
         st.window = checkpoint.empty_window()
-        self.timer = {"time": 0.0, "tokens": 0.0, "steps": 0}
-        if not self.dist.main:
-            return
-        checkpoint.append_metrics(self.out, {
-            "type": "train", "step": st.step, "train_loss": loss, "learning_rate": lr,
-            "iterations_per_second": t["steps"] / t["time"],
-            "tokens_per_second": t["tokens"] / t["time"],
-            "trained_tokens": st.trained_tokens, "peak_memory_gb": peak,
-        })
 
     def validate(self) -> float | None:
         if self.valid is None:  # no valid split: trained without validation, as mlx-lm
@@ -424,14 +364,10 @@ class Loop:
         tic = time.perf_counter()
         self.model.eval()
         n = self.args.val_batches
-        loss = evaluate(self.model, self.valid.eval_batches(n), dist=self.dist,
+        loss = evaluate(self.model, self.valid.eval_batches(n), self.mode.loss, dist=self.dist,
                         desc="Validating", total=eval_total(self.valid, n))
         self.model.train()
-        took = time.perf_counter() - tic
-        print(f"Iter {self.state.step}: val loss {loss:.3f}, val took {took:.1f}s", flush=True)
-        if self.dist.main:
-            record = {"type": "val", "step": self.state.step, "val_loss": loss, "val_time": took}
-            checkpoint.append_metrics(self.out, record)
+        self.reporter.val(self.state.step, loss, time.perf_counter() - tic)
         return loss
 
     def save(self) -> None:

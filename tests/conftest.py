@@ -1,4 +1,5 @@
-"""Shared fixtures: generated tiny models (always) and the real ../shared fixtures (CI)."""
+"""Shared fixtures: generated tiny models and the bundled stories260K (always), and the
+real datasets of ../shared (CI; a fresh clone skips the tests that need them)."""
 
 import os
 from pathlib import Path
@@ -7,7 +8,6 @@ import pytest
 
 # ../shared beside the checkout, or wherever SMOA_MLX_SHARED points (git worktrees)
 SHARED = Path(os.environ.get("SMOA_MLX_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
-STORIES = SHARED / "models" / "stories260K-hf"
 DATASETS = SHARED / "datasets"
 
 
@@ -44,9 +44,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stories_dir() -> Path:
-    """The real pretrained stories260K Llama in Hugging Face layout."""
-    return need_shared(STORIES)
+def stories_dir(tmp_path_factory) -> Path:
+    """The real pretrained stories260K Llama in Hugging Face layout: the package's bundled
+    copy (the weights and tokenizer.json of ../shared's stories260K-hf byte for byte; only
+    the EOS differs, smoa_mlx/bundled/stories260K/README.md), copied read-only so that
+    no test writes beside the package's model or takes the default-model paths."""
+    import shutil
+    import stat
+
+    from smoa_mlx.data import BUNDLED_MODEL
+
+    path = shutil.copytree(BUNDLED_MODEL, tmp_path_factory.mktemp("stories") / "stories260K")
+    for f in path.iterdir():
+        f.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    return path
 
 
 @pytest.fixture(scope="session")

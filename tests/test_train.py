@@ -486,7 +486,7 @@ def test_the_config_covers_mlx_lm_config_defaults():
     import yaml
     from mlx_lm.lora import CONFIG_DEFAULTS
 
-    from smoa_mlx.options import load_config
+    from smoa_mlx.config_file import load_config
 
     keys = set(yaml.safe_load(MLX_LM_CONFIG.read_text()))
     assert set(CONFIG_DEFAULTS) - {"config"} <= keys
@@ -735,9 +735,9 @@ def test_damaged_checkpoints_and_configs_are_one_line(trained_adapter, tiny_mode
 
 
 def test_validation_and_test_show_progress_on_rank_0_only(tiny_model_dir, arith, tmp_path, monkeypatch, capsys):
-    import smoa_mlx.trainer as trainer
+    import smoa_mlx.reporting as reporting
 
-    monkeypatch.setattr(trainer, "PROGRESS_SECONDS", 0.0)  # a log line after every batch
+    monkeypatch.setattr(reporting, "PROGRESS_SECONDS", 0.0)  # a log line after every batch
     train(opts(tiny_model_dir, arith, tmp_path / "a", iters=1, batch_size=2, test=True))
     out = capsys.readouterr().out
     assert "Validating: 1/4 batches" in out and "Validating: 4/4 batches" in out

@@ -1,0 +1,140 @@
+"""YAML options files: keys are option names (underscores or dashes), each value checked as
+argparse checks its flag; a file may also be an `mlx_lm.lora` config, whose own keys
+(`fine_tune_type`, `lora_parameters`, ...) map to SMoA's options (README: "mlx-lm config
+files" has the table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError, MissingFileError
+from .options import DEFAULTS, FIELDS, METHODS
+from .schedule import check_schedule
+
+
+def _coerce(key: str, value, where: str):
+    """Check one YAML value the way argparse checks the flag."""
+    m = FIELDS[key].metadata
+    bad = ConfigError(f"{where}: {key}: invalid value {value!r}")
+    if m["kind"] in ("flag", "switch"):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if m["kind"] == "list":
+        value = value.split(",") if isinstance(value, str) else value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise bad
+        return value
+    if m["kind"] == "mapping":
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, dict) for v in items):
+            raise ConfigError(f"{where}: {key}: expected a mapping (or a list of mappings), "
+                              f"got {value!r}")
+        return value
+    if key == "lr_schedule" and isinstance(value, dict):
+        return check_schedule(value, f"{where}: lr_schedule")
+    if value is None or isinstance(value, (bool, list, dict)):
+        raise bad
+    try:
+        value = (m["type"] or str)(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if m["type"] is int and isinstance(value, float):
+        raise bad
+    if m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(m['choices'])}")
+    return value
+
+
+def _from_mlx_lm(data: dict, where: str) -> dict:
+    """Translate mlx_lm.lora's own keys into option names; refuse what SMoA cannot do."""
+    out = dict(data)
+    if "fine_tune_type" in out:
+        kind = out.pop("fine_tune_type")
+        if kind not in METHODS:
+            raise ConfigError(f"{where}: fine_tune_type: {kind!r} is not supported here "
+                              f"(choose {', '.join(METHODS)}; --method smoa trains SMoA)")
+        if out.setdefault("method", kind) != kind:
+            raise ConfigError(f"{where}: fine_tune_type {kind!r} contradicts method "
+                              f"{out['method']!r}")
+    if "lora_parameters" in out:
+        lora = out.pop("lora_parameters")
+        if not isinstance(lora, dict):
+            raise ConfigError(f"{where}: lora_parameters: expected a mapping, got {lora!r}")
+        unknown = sorted(set(lora) - {"keys", "rank", "scale", "dropout"})
+        if unknown:
+            raise ConfigError(f"{where}: lora_parameters.{unknown[0]}: means nothing here "
+                              "(keys, rank, scale and dropout map to SMoA's options)")
+        mapped = {"targets": lora.get("keys"), "rank": lora.get("rank"),
+                  "dropout": lora.get("dropout")}
+        if "scale" in lora:
+            rank = lora.get("rank", out.get("rank", DEFAULTS["rank"]))
+            scale = lora["scale"]
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or \
+                    not isinstance(rank, int) or isinstance(rank, bool):
+                raise ConfigError(f"{where}: lora_parameters.scale: invalid value {scale!r}")
+            mapped["alpha"] = float(scale) * rank
+        for key, value in mapped.items():
+            if value is None:
+                continue
+            if key in out and out[key] != value:
+                raise ConfigError(f"{where}: lora_parameters sets {key} to {value!r} but "
+                                  f"{key} is {out[key]!r}")
+            out[key] = value
+    if out.get("training_mode", "normal") != "normal":
+        raise ConfigError(f"{where}: training_mode: {out['training_mode']!r} is not "
+                          "supported here (normal only)")
+    out.pop("training_mode", None)
+    for key in ("report_to", "project_name"):
+        if out.get(key) is not None:
+            raise ConfigError(f"{where}: {key}: reporting to other services is not supported "
+                              "(metrics go to <adapter_path>/metrics.jsonl); remove the key")
+        out.pop(key, None)
+    return out
+
+
+def load_config(path) -> dict:
+    """A YAML options file: keys are option names (underscores or dashes), checked like
+    flags; an mlx_lm.lora config works too (`_from_mlx_lm`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: config file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got a "
+                          f"{type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    out = {}
+    for key, value in _from_mlx_lm(data, str(path)).items():
+        if key not in FIELDS or (key == "config" and value is not None):
+            raise ConfigError(f"{path}: unknown key {key!r} (keys are flag names: "
+                              "learning_rate, ...; or mlx_lm.lora's)")
+        if value is not None:  # null means not set (mlx-lm writes its unset options so)
+            out[key] = _coerce(key, value, str(path))
+    return out
+
+
+def _yaml_loader():
+    """PyYAML's safe loader reading 1e-5 as a float (YAML 1.1 wants 1.0e-5), as mlx-lm's."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader

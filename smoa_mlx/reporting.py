@@ -1,0 +1,101 @@
+"""What a training run tells its user: progress bars (or timed lines in a log) over long
+evaluations, the `Iter N: train loss ...` and `val loss` lines with throughput, and on
+rank 0 the same numbers as records in `<adapter_path>/metrics.jsonl`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import checkpoint
+
+# A progress line at most this often (seconds) when stderr is not a terminal (logs).
+PROGRESS_SECONDS = 10.0
+
+
+@contextmanager
+def progress(desc: str | None, total: int | None, show: bool = True):
+    """Yields `advance()`, called once per batch: a tqdm bar on a terminal; in a log
+    (stderr not a terminal), a line every `PROGRESS_SECONDS`, so a long evaluation
+    shows it is alive. tqdm is imported only when a bar is drawn."""
+    if not show:
+        yield lambda: None
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, leave=False, unit="batch") as bar:
+            yield bar.update
+        return
+    start = last = time.perf_counter()
+    done = 0
+
+    def advance():
+        nonlocal done, last
+        done += 1
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS:
+            of = f"/{total}" if total is not None else ""
+            print(f"{desc}: {done}{of} batches, {now - start:.1f}s", flush=True)
+            last = now
+
+    yield advance
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _zero() -> dict:
+    return {"time": 0.0, "tokens": 0.0, "steps": 0}
+
+
+class Reporter:
+    """A run's reports: lines on stdout (every rank prints; `Distributed.quiet` mutes all
+    but rank 0) and, from rank 0 (`main`), metrics.jsonl records. Throughput is timed over
+    the updates since the last report and over this session (a resumed run's own)."""
+
+    def __init__(self, out: Path, iters: int, main: bool):
+        self.out, self.iters, self.main = out, iters, main
+        self.timer, self.session = _zero(), _zero()
+
+    def update(self, seconds: float, tokens: float) -> None:
+        """Count one optimizer update of `tokens` tokens that took `seconds`."""
+        for t in (self.timer, self.session):
+            t["time"] += seconds
+            t["tokens"] += tokens
+            t["steps"] += 1
+
+    def train(self, step: int, loss: float, lr: float, trained_tokens: float) -> None:
+        t, s = self.timer, self.session
+        peak = mx.get_peak_memory() / 1e9
+        eta = (self.iters - step) * s["time"] / s["steps"]
+        print(f"Iter {step}/{self.iters}: train loss {loss:.3f}, lr {lr:.3e}, "
+              f"it/s {t['steps'] / t['time']:.3f}, tok/s {t['tokens'] / t['time']:.1f}, "
+              f"peak mem {peak:.3f} GB, ETA {fmt_time(eta)}", flush=True)
+        self.timer = _zero()
+        if self.main:
+            checkpoint.append_metrics(self.out, {
+                "type": "train", "step": step, "train_loss": loss, "learning_rate": lr,
+                "iterations_per_second": t["steps"] / t["time"],
+                "tokens_per_second": t["tokens"] / t["time"],
+                "trained_tokens": trained_tokens, "peak_memory_gb": peak,
+            })
+
+    def val(self, step: int, loss: float, took: float) -> None:
+        print(f"Iter {step}: val loss {loss:.3f}, val took {took:.1f}s", flush=True)
+        if self.main:
+            checkpoint.append_metrics(self.out, {"type": "val", "step": step, "val_loss": loss,
+                                                 "val_time": took})
+
+    def throughput(self) -> dict:
+        """This session's tokens and updates per second (None before any update)."""
+        s = self.session
+        return {"tokens_per_second": s["tokens"] / s["time"] if s["time"] else None,
+                "iterations_per_second": s["steps"] / s["time"] if s["time"] else None}

@@ -1,0 +1,4 @@
+from ..cli import run
+from .cli import main
+
+run(main)
