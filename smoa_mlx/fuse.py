@@ -22,7 +22,7 @@ from .cli import run
 from .errors import AdapterError
 from .files import read_config, staged_dir, write_json
 from .fuse_check import FuseCheck, describe
-from .gguf import default_file_name, out_type, write_gguf, write_modelfile
+from .gguf import default_file_name, model_hparams, out_type, write_gguf, write_modelfile
 from .hub import add_upload_args, upload_folder
 from .layer import adapter_layers
 from .loader import load_base
@@ -82,9 +82,8 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
                 shutil.copy(model_dir / name, tmp)
         write_fused_card(tmp, model, adapter_path, hf, parity, name=Path(save_path).name)
         if gguf_path is not None:
-            # config.json completed by the defaults mlx-lm's model ran with (e.g. Gemma 3's rope bases)
-            hparams = {**config, **vars(getattr(mlx_model, "args", None) or {})}
-            write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), hparams, tmp, gguf_dtype, log)
+            write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), model_hparams(config, mlx_model),
+                       tmp, gguf_dtype, log)
             write_modelfile(tmp, Path(gguf_path).name, tokenizer)
     kind = "Hugging Face checkpoint" if hf else "MLX model"
     log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")

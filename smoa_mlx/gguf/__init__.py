@@ -3,6 +3,6 @@
 
 from .modelfile import write_modelfile
 from .names import permute, unpermute
-from .write import default_file_name, out_type, write_gguf
+from .write import default_file_name, model_hparams, out_type, write_gguf
 
-__all__ = ["default_file_name", "out_type", "permute", "unpermute", "write_gguf", "write_modelfile"]
+__all__ = ["default_file_name", "model_hparams", "out_type", "permute", "unpermute", "write_gguf", "write_modelfile"]

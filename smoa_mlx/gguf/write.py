@@ -76,6 +76,12 @@ def _check(config: dict) -> str:
     return arch
 
 
+def model_hparams(config: dict, model) -> dict:
+    """config.json completed by the defaults the mlx-lm `model` ran with (e.g. Gemma 3's rope
+    bases and sliding-window pattern): what llama.cpp must be told is what MLX computed."""
+    return {**config, **vars(getattr(model, "args", None) or {})}
+
+
 def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
