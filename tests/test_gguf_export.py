@@ -143,3 +143,213 @@ def test_modelfile_of_the_synthetic_tokenizer(tiny_model_dir):
                     'TEMPLATE """{{ if .System }}<|system|>\n{{ .System }}</s>\n{{ end }}<|user|>\n{{ .Prompt }}</s>\n'
                     '<|assistant|>\n{{ .Response }}</s>\n"""\n'
                     'PARAMETER stop "</s>"\nPARAMETER stop "<|user|>"\n')
+
+
+# --- llama.cpp on the exported files ------------------------------------------------------------
+
+def hf_base(model_type, root):
+    """A tiny random transformers checkpoint of `model_type` (tests/test_archs.py's), float32."""
+    pytest.importorskip("torch")
+    from test_archs import hf_model_dir
+
+    path = hf_model_dir(model_type, root)
+    if model_type in ("gemma2", "gemma3_text"):  # attention scaled as llama.cpp's Gemma does: 1/sqrt(head_dim)
+        config = json.loads((path / "config.json").read_text())
+        config["query_pre_attn_scalar"] = config["head_dim"]
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """model_type -> (fused MLX dir, base logits, fused logits): a tiny random model of that type
+    with an SMoA adapter (random B) fused by `fuse` with the f32 GGUF export and Modelfile."""
+    from test_archs import randomize_b
+
+    from smoa_mlx.fuse import fuse
+    from smoa_mlx.loader import load_base
+
+    made = {}
+
+    def get(model_type):
+        if model_type not in made:
+            root = tmp_path_factory.mktemp(model_type)
+            base_dir = hf_base(model_type, root)
+            model = load_base(str(base_dir))[0]
+            base = np.array(model(mx.array([TOKENS])))
+            apply_smoa(model, rank=4, num_blocks=2, progress=False)
+            randomize_b(model)
+            save_adapter(model, root / "adapter")
+            fuse(str(base_dir), root / "adapter", root / "fused", log=lambda *_: None,
+                 gguf_path=default_file_name("f32"), gguf_dtype="f32")
+            fused_model = mlx_lm_load(str(root / "fused"))[0]
+            made[model_type] = root / "fused", base, np.array(fused_model(mx.array([TOKENS])))
+        return made[model_type]
+    return get
+
+
+def export(fused_dir, dtype) -> str:
+    """The fused model as a GGUF of `dtype` (fuse wrote the f32 one)."""
+    path = fused_dir / default_file_name(dtype)
+    if not path.exists():
+        model, config = mlx_lm_load(str(fused_dir), return_config=True)[::2]
+        write_gguf(path, dict(tree_flatten(model.parameters())), model_hparams(config, model), fused_dir, dtype)
+    return str(path)
+
+
+def llama_cpp(path, **kw):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False, **kw)
+
+
+def llama_cpp_logits(path, tokens=TOKENS) -> np.ndarray:
+    llm = llama_cpp(path, logits_all=True)
+    llm.eval(tokens)
+    return np.array(llm.scores[:len(tokens)])
+
+
+def written_logits(path, fused_dir, tokens=TOKENS) -> np.ndarray:
+    """MLX logits with the weights as the GGUF holds them (de-quantized by gguf, llama.cpp's
+    layout undone): what llama.cpp should compute, up to its own arithmetic."""
+    import gguf
+
+    model, config = mlx_lm_load(str(fused_dir), return_config=True)[::2]
+    spec = ARCHS[config["model_type"]]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    names = tensor_map(config["model_type"], config["num_hidden_layers"])
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    weights = []
+    for name, value in tree_flatten(model.parameters()):
+        t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        a = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(value.shape).astype(np.float32)
+        if spec.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            a = unpermute(a, n_head, n_head if "q_proj" in name else n_kv)
+        if name.endswith("norm.weight"):
+            a = a - spec.norm_offset
+        weights.append((name, mx.array(a)))
+    model.load_weights(weights)
+    return np.array(model(mx.array([tokens])))[0]
+
+
+# max_rel bounds, llama.cpp against (the weights as written, the float32 fused model). llama.cpp's
+# CPU matmuls round the activations to the weights' dot type: f32 none; f16 to 2^-11; bf16 to
+# 2^-8; q8_0/q4_0 quantize them to 8 bits per 32 values (Q8_0). Against the fused model the
+# weights' own rounding adds: 2^-11 (f16), 2^-8 (bf16), 8 bits (q8_0), 4 bits (q4_0) per block.
+TOLERANCE = {"f32": (1e-4, 1e-4), "f16": (5e-3, 5e-3), "bf16": (3e-2, 4e-2), "q8_0": (3e-2, 4e-2),
+             "q4_0": (3e-2, 0.3)}
+
+
+@pytest.mark.parametrize("dtype", OUT_TYPES)
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_llama_cpp_logits_match_the_fused_model(model_type, dtype, fused):
+    import gguf
+
+    pytest.importorskip("llama_cpp")
+    fused_dir, base, want = fused(model_type)
+    want, base = want[0], base[0]
+    path = export(fused_dir, dtype)
+    got = llama_cpp_logits(path)
+    written = written_logits(path, fused_dir)
+    tight, loose = TOLERANCE[dtype]
+    assert max_rel(got, written) < tight
+    assert max_rel(got, want) < loose
+    assert max_rel(got, want) < 0.25 * max_rel(base, want)  # the adapter's effect is in the file
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    Q = gguf.GGMLQuantizationType
+    assert types["blk.0.ffn_down.weight"] == (Q.F32 if dtype == "f32" else Q.F16 if dtype in ("q8_0", "q4_0")
+                                              else Q[dtype.upper()])  # rows of 48: no whole blocks of 32
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    head = "token_embd.weight" if model_type.startswith("gemma") else "output.weight"
+    assert types[head] == (Q.Q8_0 if dtype == "q4_0" else Q[dtype.upper()])
+    assert types["blk.0.attn_q.weight"] == Q[dtype.upper()]
+
+
+def greedy_mlx(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+    return ids[len(prompt):]
+
+
+def greedy_llama_cpp(llm, prompt, n):
+    llm.reset()
+    llm.eval(prompt)
+    ids = []
+    for _ in range(n):
+        ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(ids[-1:])
+    return ids
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("model_type", ARCH_TYPES)
+def test_llama_cpp_greedy_text_is_the_fused_models(model_type, dtype, fused):
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("llama_cpp")
+    fused_dir = fused(model_type)[0]
+    llm = llama_cpp(export(fused_dir, dtype), logits_all=True)
+    tok = AutoTokenizer.from_pretrained(fused_dir)
+    prompt = tok.encode("Once upon a time there was", add_special_tokens=False)
+    want = greedy_mlx(mlx_lm_load(str(fused_dir))[0], prompt, 12)
+    got = greedy_llama_cpp(llm, prompt, 12)
+    assert got == want
+    assert llm.detokenize(got).decode("utf-8", "replace") == tok.decode(want)
+
+
+def test_fuse_cli_names_the_file_by_type_and_writes_the_modelfile(tiny_model_dir, make_adapter, tmp_path, capsys):
+    from smoa_mlx.cli import run
+    from smoa_mlx.fuse import main
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(SystemExit) as e:
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(adapter), "--save-path",
+                   str(tmp_path / "out"), "--export-gguf", "--gguf-dtype", "Q8_0"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "ggml-model-q8_0.gguf").is_file()
+    assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./ggml-model-q8_0.gguf\nTEMPLATE ")
+    with pytest.raises(SystemExit) as e:
+        run(main, ["--model", str(tiny_model_dir), "--adapter-path", str(adapter), "--save-path",
+                   str(tmp_path / "bad"), "--export-gguf", "--gguf-dtype", "q3_k"])
+    assert e.value.code == 1 and not (tmp_path / "bad").exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "--gguf-dtype must be one of" in err[0]
+
+
+# --- the vocabulary: llama.cpp tokenizes as the Hugging Face tokenizer --------------------------
+
+SAMPLES = ["Hello world", "The answer is 12345 + 678 = 13023.", "I'm sure you'll see they've GONE",
+           "  two  spaces\n\nnew\tlines \n", "café naïve 日本語 🙂", "<|user|>\nhi</s>\n<|assistant|>\n",
+           "SELECT age FROM people WHERE name='Ann';"]
+
+
+def check_tokenization(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, config = mlx_lm_load(str(model_dir), return_config=True)[::2]
+    path = write_gguf(tmp_path / "v.gguf", dict(tree_flatten(model.parameters())), config, model_dir, "f32")
+    llm = llama_cpp(str(path), vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for text in SAMPLES:
+        want = tok.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+        assert llm.detokenize(want, special=True).decode() == tok.decode(want), text
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_llama_cpp_tokenizes_as_the_hf_tokenizer(pre, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model_dir = make_llama(tmp_path / "m")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check_tokenization(model_dir, tmp_path)
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_hf(stories_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model_dir = tmp_path / "stories"
+    shutil.copytree(stories_dir, model_dir)
+    check_tokenization(model_dir, tmp_path)
