@@ -324,7 +324,7 @@ SAMPLES = ["Hello world", "The answer is 12345 + 678 = 13023.", "I'm sure you'll
            "SELECT age FROM people WHERE name='Ann';"]
 
 
-def check_tokenization(model_dir, tmp_path):
+def check_tokenization(model_dir, tmp_path, spm=False):
     from transformers import AutoTokenizer
 
     model, config = mlx_lm_load(str(model_dir), return_config=True)[::2]
@@ -335,7 +335,10 @@ def check_tokenization(model_dir, tmp_path):
         want = tok.encode(text, add_special_tokens=False)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
-        assert llm.detokenize(want, special=True).decode() == tok.decode(want), text
+        text_back = llm.detokenize(want, special=True).decode()
+        if spm:  # SentencePiece's prefix space: llama.cpp drops it only after a BOS it removes
+            text_back = text_back.removeprefix(" ")
+        assert text_back == tok.decode(want), text
 
 
 @pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
@@ -343,7 +346,8 @@ def test_llama_cpp_tokenizes_as_the_hf_tokenizer(pre, tmp_path):
     pytest.importorskip("llama_cpp")
     model_dir = make_llama(tmp_path / "m")
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
-    tokenizer["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+    tokenizer["pre_tokenizer"] = json.loads(json.dumps(PRE_TOKENIZERS[pre]).replace(
+        '"type": "ByteLevel"', '"type": "ByteLevel", "trim_offsets": true'))  # a field tokenizers requires
     (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     check_tokenization(model_dir, tmp_path)
 
@@ -352,4 +356,74 @@ def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_hf(stories_dir, tmp_p
     pytest.importorskip("llama_cpp")
     model_dir = tmp_path / "stories"
     shutil.copytree(stories_dir, model_dir)
-    check_tokenization(model_dir, tmp_path)
+    check_tokenization(model_dir, tmp_path, spm=True)
+
+
+# --- the real model: SmolLM2-135M-Instruct --------------------------------------------------------
+
+def real_model_check(model, data, root, dtypes=("f16", "q8_0", "q4_0"), n_new=16) -> dict:
+    """A few SMoA updates on `model`, fused (--de-quantize) with the f16 GGUF export, the other
+    types written from the fused model; per type: llama.cpp's max_rel logit error on a chat
+    prompt against the MLX fused model and against the weights as written, the adapter's own
+    effect, and whether greedy text (`n_new` tokens) is the MLX fused model's."""
+    from transformers import AutoTokenizer
+
+    from smoa_mlx.fuse import fuse
+    from smoa_mlx.loader import load_base
+    from smoa_mlx.train import train
+
+    adapter, fused_dir = root / "adapter", root / "fused"
+    train({"model": str(model), "data": str(data), "adapter_path": str(adapter), "iters": 3, "batch_size": 2,
+           "learning_rate": 5e-3, "warmup": 0, "steps_per_report": 1, "val_batches": 1})
+    fuse(str(model), adapter, fused_dir, dequantize=True, log=lambda *_: None,
+         gguf_path=default_file_name(dtypes[0]), gguf_dtype=dtypes[0])
+    tok = AutoTokenizer.from_pretrained(fused_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    base = np.array(load_base(str(model))[0](mx.array([prompt])))[0]
+    fused_model = mlx_lm_load(str(fused_dir))[0]
+    want = np.array(fused_model(mx.array([prompt])))[0]
+    greedy = greedy_mlx(fused_model, prompt, n_new)
+    results = {"adapter effect": max_rel(base, want), "mlx text": tok.decode(greedy)}
+    for dtype in dtypes:
+        path = export(fused_dir, dtype)
+        llm = llama_cpp(path, logits_all=True, n_ctx=256)
+        llm.eval(prompt)
+        got = np.array(llm.scores[:len(prompt)])
+        ids = greedy_llama_cpp(llm, prompt, n_new)
+        results[dtype] = {"vs fused": max_rel(got, want), "vs written": max_rel(got, written_logits(path, fused_dir,
+                                                                                                       prompt)),
+                          "greedy equal": ids == greedy, "text": tok.decode(ids)}
+    return results
+
+
+@pytest.fixture(scope="module")
+def smollm2_results(request, arith, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    try:
+        model = request.getfixturevalue("smollm2_gguf")
+    except pytest.FixtureLookupError:
+        pytest.skip("no smollm2_gguf fixture (the SmolLM2-135M-Instruct GGUF)")
+    from smoa_mlx.errors import SMoAError
+    from smoa_mlx.loader import load_base
+
+    try:
+        load_base(str(model))
+    except SMoAError as e:
+        pytest.skip(f"the loader does not read a .gguf --model: {e}")
+    return real_model_check(model, arith, tmp_path_factory.mktemp("smollm2"))
+
+
+# max_rel bounds on SmolLM2 (30 layers): against the fused model, f16 as the tiny models; q8_0 and
+# q4_0 by their weight rounding through 30 layers (measured: see docs/ARCHITECTURE.md's GGUF note);
+# against the weights as written only llama.cpp's activation rounding remains.
+REAL_TOLERANCE = {"f16": (1e-2, 1e-2), "q8_0": (5e-2, 8e-2), "q4_0": (5e-2, 0.5)}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+def test_smollm2_export_runs_in_llama_cpp_as_in_mlx(smollm2_results, dtype):
+    got = smollm2_results[dtype]
+    tight, loose = REAL_TOLERANCE[dtype]
+    assert got["vs written"] < tight and got["vs fused"] < loose, got
+    if dtype in ("f16", "q8_0"):
+        assert got["greedy equal"], (got["text"], smollm2_results["mlx text"])

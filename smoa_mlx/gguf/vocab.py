@@ -62,13 +62,18 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int, log=print) -> None:
     import gguf
 
     vocab, rank = _vocab(model_dir)
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    # Added tokens are matched whole in text (special: CONTROL, else USER_DEFINED), also those the
+    # BPE vocabulary holds too, which gguf's BpeVocab reads as NORMAL (convert_hf_to_gguf re-types them).
+    added = {t["id"]: gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
+             for t in tokenizer_json.get("added_tokens", [])}
     tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
+    for i, (text, score, toktype) in enumerate(vocab.all_tokens()):
         tokens.append(text)
         if rank is not None and toktype == gguf.TokenType.NORMAL:
             score = -float(rank.get(text.decode("utf-8"), len(rank)))  # single pieces merge last
         scores.append(score)
-        types.append(toktype)
+        types.append(added.get(i, toktype))
     if len(tokens) > n_vocab:
         raise ModelError(f"{model_dir}: the tokenizer has {len(tokens)} tokens, the model {n_vocab}")
     while len(tokens) < n_vocab:  # embedding rows past the tokenizer, as convert_hf_to_gguf pads
@@ -78,7 +83,7 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int, log=print) -> None:
     w.add_tokenizer_model(vocab.tokenizer_model)
     pre = "default"
     if vocab.tokenizer_model == "gpt2":
-        pre = pre_tokenizer(json.loads((model_dir / "tokenizer.json").read_text()))
+        pre = pre_tokenizer(tokenizer_json)
         if pre is None:
             log(f"note: {model_dir / 'tokenizer.json'}: a pre-tokenizer llama.cpp has no name for; written "
                 "as 'default', so llama.cpp may split some text differently")
