@@ -83,7 +83,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
         write_fused_card(tmp, model, adapter_path, hf, parity, name=Path(save_path).name)
         if gguf_path is not None:
             write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), model_hparams(config, mlx_model),
-                       tmp, gguf_dtype, log)
+                       tmp, gguf_dtype, log, name=Path(save_path).name)
             write_modelfile(tmp, Path(gguf_path).name, tokenizer)
     kind = "Hugging Face checkpoint" if hf else "MLX model"
     log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")

@@ -163,10 +163,10 @@ def hf_base(model_type, root):
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
     """model_type -> (fused MLX dir, base logits, fused logits): a tiny random model of that type
-    with an SMoA adapter (random B) fused by `fuse` with the f32 GGUF export and Modelfile."""
-    from test_archs import randomize_b
-
+    with an SMoA adapter (random B, std 2: it moves the logits by 5-60%) fused by `fuse` with the
+    f32 GGUF export and Modelfile."""
     from smoa_mlx.fuse import fuse
+    from smoa_mlx.patch import smoa_layers
     from smoa_mlx.loader import load_base
 
     made = {}
@@ -177,8 +177,10 @@ def fused(tmp_path_factory):
             base_dir = hf_base(model_type, root)
             model = load_base(str(base_dir))[0]
             base = np.array(model(mx.array([TOKENS])))
+            mx.random.seed(1)  # A's initialisation and B: the same adapter whatever ran before
             apply_smoa(model, rank=4, num_blocks=2, progress=False)
-            randomize_b(model)
+            for layer in smoa_layers(model).values():
+                layer.smoa_b = [2.0 * mx.random.normal(b.shape) for b in layer.smoa_b]
             save_adapter(model, root / "adapter")
             fuse(str(base_dir), root / "adapter", root / "fused", log=lambda *_: None,
                  gguf_path=default_file_name("f32"), gguf_dtype="f32")
@@ -198,8 +200,12 @@ def export(fused_dir, dtype) -> str:
 
 
 def llama_cpp(path, **kw):
+    """llama.cpp on `path`, its KV cache in F32 (its default F16 would round K and V to 2^-11,
+    hiding errors of the file smaller than that)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False, **kw)
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=path, n_threads=2, verbose=False, **{"n_ctx": 64, "type_k": f32,
+                                                                           "type_v": f32, **kw})
 
 
 def llama_cpp_logits(path, tokens=TOKENS) -> np.ndarray:
@@ -232,12 +238,17 @@ def written_logits(path, fused_dir, tokens=TOKENS) -> np.ndarray:
     return np.array(model(mx.array([tokens])))[0]
 
 
-# max_rel bounds, llama.cpp against (the weights as written, the float32 fused model). llama.cpp's
-# CPU matmuls round the activations to the weights' dot type: f32 none; f16 to 2^-11; bf16 to
-# 2^-8; q8_0/q4_0 quantize them to 8 bits per 32 values (Q8_0). Against the fused model the
-# weights' own rounding adds: 2^-11 (f16), 2^-8 (bf16), 8 bits (q8_0), 4 bits (q4_0) per block.
-TOLERANCE = {"f32": (1e-4, 1e-4), "f16": (5e-3, 5e-3), "bf16": (3e-2, 4e-2), "q8_0": (3e-2, 4e-2),
-             "q4_0": (3e-2, 0.3)}
+# max_rel bounds, llama.cpp against (the weights as written, the float32 fused model), about twice
+# the largest measured over the 7 architectures (in brackets). llama.cpp's CPU matmuls round the
+# activations to the weights' dot type: f32 not at all (3e-7: float32 rounding); f16 to 2^-11
+# (1.0e-3); bf16 to 2^-8 (6.8e-3); q8_0 and q4_0 quantize them to 8 bits per 32 values (1.2e-2,
+# 1.1e-2). Against the fused model the weights' own rounding adds: f16 (1.0e-3), bf16 (1.2e-2),
+# q8_0 (2.4e-2), q4_0's 4 bits per value (0.28).
+TOLERANCE = {"f32": (1e-5, 1e-5), "f16": (2e-3, 2e-3), "bf16": (1.5e-2, 2.5e-2), "q8_0": (2.5e-2, 5e-2),
+             "q4_0": (2.5e-2, 0.5)}
+# llama.cpp's own Gemma 2 / Gemma 3 arithmetic: on the same float32 weights it differs from
+# transformers by 2.3e-4 / 1.8e-4, where transformers and MLX agree to 4e-7 / 1.7e-5.
+GEMMA_F32 = {"gemma2": 5e-4, "gemma3_text": 5e-4}
 
 
 @pytest.mark.parametrize("dtype", OUT_TYPES)
@@ -252,9 +263,11 @@ def test_llama_cpp_logits_match_the_fused_model(model_type, dtype, fused):
     got = llama_cpp_logits(path)
     written = written_logits(path, fused_dir)
     tight, loose = TOLERANCE[dtype]
-    assert max_rel(got, written) < tight
-    assert max_rel(got, want) < loose
-    assert max_rel(got, want) < 0.25 * max_rel(base, want)  # the adapter's effect is in the file
+    extra = GEMMA_F32.get(model_type, 0.0)
+    assert max_rel(got, written) < tight + extra
+    assert max_rel(got, want) < loose + extra
+    if dtype != "q4_0":  # the adapter's effect is in the file (4-bit rounding of these random
+        assert max_rel(got, want) < 0.25 * max_rel(base, want)  # weights is of its own size)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     Q = gguf.GGMLQuantizationType
     assert types["blk.0.ffn_down.weight"] == (Q.F32 if dtype == "f32" else Q.F16 if dtype in ("q8_0", "q4_0")
@@ -295,7 +308,7 @@ def test_llama_cpp_greedy_text_is_the_fused_models(model_type, dtype, fused):
     want = greedy_mlx(mlx_lm_load(str(fused_dir))[0], prompt, 12)
     got = greedy_llama_cpp(llm, prompt, 12)
     assert got == want
-    assert llm.detokenize(got).decode("utf-8", "replace") == tok.decode(want)
+    assert llm.detokenize(got, special=True).decode("utf-8", "replace") == tok.decode(want)
 
 
 def test_fuse_cli_names_the_file_by_type_and_writes_the_modelfile(tiny_model_dir, make_adapter, tmp_path, capsys):

@@ -75,7 +75,13 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int, log=print) -> None:
         scores.append(score)
         types.append(added.get(i, toktype))
     if len(tokens) > n_vocab:
-        raise ModelError(f"{model_dir}: the tokenizer has {len(tokens)} tokens, the model {n_vocab}")
+        surplus = range(n_vocab, len(tokens))
+        if not all(i in added for i in surplus):
+            raise ModelError(f"{model_dir}: the tokenizer has {len(tokens)} tokens, the model {n_vocab}")
+        # e.g. transformers' Qwen2Tokenizer adds <|endoftext|> to any vocabulary: no row embeds it
+        log(f"note: added tokens {', '.join(t.decode() for t in tokens[n_vocab:])} have no embedding row "
+            "(ids past the model's vocabulary); left out of the GGUF")
+        del tokens[n_vocab:], scores[n_vocab:], types[n_vocab:]
     while len(tokens) < n_vocab:  # embedding rows past the tokenizer, as convert_hf_to_gguf pads
         tokens.append(f"[PAD{len(tokens)}]".encode())
         scores.append(-1000.0)

@@ -129,10 +129,11 @@ def tensor_type(gguf_name: str, ndim: int, dtype: str, tied: bool):
     return gguf.GGMLQuantizationType[OUT_TYPES[dtype][1]]
 
 
-def write_gguf(path, weights: dict, config: dict, model_dir, dtype: str = "f16", log=print) -> Path:
+def write_gguf(path, weights: dict, config: dict, model_dir, dtype: str = "f16", log=print,
+               name: str | None = None) -> Path:
     """Write `weights` (mlx-lm names, HF layout; numpy or MLX arrays) of a model with `config`
     (config.json, best completed with the mlx-lm model's args) and the tokenizer in `model_dir`
-    to the GGUF file `path` (atomically)."""
+    to the GGUF file `path` (atomically); `name`: general.name (default: the model directory's)."""
     import gguf
 
     arch = _check(config)
@@ -143,10 +144,11 @@ def write_gguf(path, weights: dict, config: dict, model_dir, dtype: str = "f16",
     n_kv = config.get("num_key_value_heads") or n_head
     names = tensor_map(config["model_type"], n_layer)
     tied = not any(k.endswith("lm_head.weight") for k in weights)
+    title = name or model_dir.name
 
     def write(tmp):
         w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(config.get("_name_or_path") or model_dir.name)
+        w.add_name(title)
         _add_hparams(w, arch, config, gguf.LlamaFileType[OUT_TYPES[dtype][0]])
         add_tokenizer(w, model_dir, config["vocab_size"], log)
         for name, value in weights.items():
