@@ -84,7 +84,7 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
         if gguf_path is not None:
             write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), model_hparams(config, mlx_model),
                        tmp, gguf_dtype, log, name=Path(save_path).name)
-            write_modelfile(tmp, Path(gguf_path).name, tokenizer)
+            write_modelfile(tmp, Path(gguf_path).as_posix(), tokenizer)
     kind = "Hugging Face checkpoint" if hf else "MLX model"
     log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")
     return save_path

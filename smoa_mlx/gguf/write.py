@@ -29,8 +29,9 @@ from .vocab import add_tokenizer
 OUT_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "bf16": ("MOSTLY_BF16", "BF16"),
              "q8_0": ("MOSTLY_Q8_0", "Q8_0"), "q4_0": ("MOSTLY_Q4_0", "Q4_0")}
 ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-# hparams llama.cpp reads only for these architectures (elsewhere a stray config key is not written)
-_GEMMA_ONLY = {"attn_logit_softcapping": ("gemma2",), "final_logit_softcapping": ("gemma2", "gemma3"),
+# hparams written only for these architectures: llama.cpp reads them there, and mlx-lm computes
+# them there (its gemma3_text has no final softcapping, so llama.cpp is not told of one)
+_GEMMA_ONLY = {"attn_logit_softcapping": ("gemma2",), "final_logit_softcapping": ("gemma2",),
                "sliding_window": ("gemma2", "gemma3"), "sliding_window_pattern": ("gemma3",),
                "rope_local_base_freq": ("gemma3",)}
 # llama.cpp's Gemma 2/3 scale queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B
