@@ -238,6 +238,25 @@ def written_logits(path, fused_dir, tokens=TOKENS) -> np.ndarray:
     return np.array(model(mx.array([tokens])))[0]
 
 
+def same_as_llama_quantize(path, f32_path, dtype) -> list[str]:
+    """The tensors of `path` that differ (type or bytes) from llama.cpp's own quantizer
+    (llama-quantize) run on the f32 export `f32_path`: none, when ours quantizes as llama.cpp."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}"), 1
+    theirs_path = str(path) + ".llama-quantize"
+    assert llama_cpp.llama_model_quantize(str(f32_path).encode(), theirs_path.encode(), ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+    assert ours.keys() == theirs.keys()
+    return [k for k in ours if ours[k].tensor_type != theirs[k].tensor_type
+            or not np.array_equal(np.asarray(ours[k].data), np.asarray(theirs[k].data))]
+
+
 # max_rel bounds, llama.cpp against (the weights as written, the float32 fused model), about twice
 # the largest measured over the 7 architectures (in brackets). llama.cpp's CPU matmuls round the
 # activations to the weights' dot type: f32 not at all (4e-6); f16 to 2^-11 (6.5e-4); bf16 to 2^-8
@@ -268,6 +287,8 @@ def test_llama_cpp_logits_match_the_fused_model(model_type, dtype, fused):
     assert max_rel(got, want) < loose + extra
     if dtype != "q4_0":  # the adapter's effect is in the file (4-bit rounding of these random
         assert max_rel(got, want) < 0.25 * max_rel(base, want)  # weights is of its own size)
+    if dtype in ("q8_0", "q4_0"):  # byte for byte what llama-quantize makes of the f32 export
+        assert same_as_llama_quantize(path, fused_dir / default_file_name("f32"), dtype) == []
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     Q = gguf.GGMLQuantizationType
     assert types["blk.0.ffn_down.weight"] == (Q.F32 if dtype == "f32" else Q.F16 if dtype in ("q8_0", "q4_0")
@@ -400,6 +421,9 @@ def real_model_check(model, data, root, dtypes=("f16", "q8_0", "q4_0"), n_new=16
     results = {"adapter effect": max_rel(base, want), "mlx text": tok.decode(greedy)}
     for dtype in dtypes:
         path = export(fused_dir, dtype)
+        if dtype in ("q8_0", "q4_0"):
+            results[f"{dtype} differs from llama-quantize in"] = same_as_llama_quantize(
+                path, export(fused_dir, "f32"), dtype)
         llm = llama_cpp(path, logits_all=True, n_ctx=256)
         llm.eval(prompt)
         got = np.array(llm.scores[:len(prompt)])
@@ -427,16 +451,24 @@ def smollm2_results(request, arith, tmp_path_factory):
     return real_model_check(model, arith, tmp_path_factory.mktemp("smollm2"))
 
 
-# max_rel bounds on SmolLM2 (30 layers): against the fused model, f16 as the tiny models; q8_0 and
-# q4_0 by their weight rounding through 30 layers (measured: see docs/ARCHITECTURE.md's GGUF note);
-# against the weights as written only llama.cpp's activation rounding remains.
-REAL_TOLERANCE = {"f16": (1e-2, 1e-2), "q8_0": (5e-2, 8e-2), "q4_0": (5e-2, 0.5)}
+# max_rel bounds on SmolLM2 (30 layers, the chat prompt), about twice the measured (in brackets),
+# against (the weights as written, the fused model): f16 (1.4e-3, 1.8e-3); q8_0 (4.8e-2, 6.7e-2),
+# llama.cpp's 8-bit activations through 30 layers (llama-quantize's own q8_0 of the f16 export:
+# 5.8e-2 against the fused model); q4_0 (0.11, 0.57: 4-bit weights, bounded only as written).
+# What makes q8_0/q4_0 right is that their bytes are llama-quantize's. Greedy text must match for
+# f16; q8_0's first token is a near-tie its rounding may flip (llama-quantize's q8_0 flips it too).
+REAL_TOLERANCE = {"f16": (5e-3, 5e-3), "q8_0": (0.1, 0.15), "q4_0": (0.25, None)}
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
 def test_smollm2_export_runs_in_llama_cpp_as_in_mlx(smollm2_results, dtype):
     got = smollm2_results[dtype]
     tight, loose = REAL_TOLERANCE[dtype]
-    assert got["vs written"] < tight and got["vs fused"] < loose, got
-    if dtype in ("f16", "q8_0"):
+    assert got["vs written"] < tight, got
+    if loose is not None:
+        assert got["vs fused"] < loose, got
+    if dtype == "f16":
         assert got["greedy equal"], (got["text"], smollm2_results["mlx text"])
+        assert got["vs fused"] < 0.25 * smollm2_results["adapter effect"]  # the fine-tune is in the file
+    else:
+        assert smollm2_results[f"{dtype} differs from llama-quantize in"] == []
