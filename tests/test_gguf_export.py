@@ -418,7 +418,10 @@ def real_model_check(model, data, root, dtypes=("f16", "q8_0", "q4_0"), n_new=16
     fused_model = mlx_lm_load(str(fused_dir))[0]
     want = np.array(fused_model(mx.array([prompt])))[0]
     greedy = greedy_mlx(fused_model, prompt, n_new)
-    results = {"adapter effect": max_rel(base, want), "mlx text": tok.decode(greedy)}
+    vocab = llama_cpp(export(fused_dir, dtypes[0]), vocab_only=True)
+    results = {"adapter effect": max_rel(base, want), "mlx text": tok.decode(greedy),
+               "tokenized as HF": [vocab.tokenize(t.encode(), add_bos=True, special=True) == tok.encode(t)
+                                   for t in SAMPLES]}
     for dtype in dtypes:
         path = export(fused_dir, dtype)
         if dtype in ("q8_0", "q4_0"):
@@ -468,6 +471,7 @@ def test_smollm2_export_runs_in_llama_cpp_as_in_mlx(smollm2_results, dtype):
     if loose is not None:
         assert got["vs fused"] < loose, got
     if dtype == "f16":
+        assert all(smollm2_results["tokenized as HF"])
         assert got["greedy equal"], (got["text"], smollm2_results["mlx text"])
         assert got["vs fused"] < 0.25 * smollm2_results["adapter effect"]  # the fine-tune is in the file
     else:
