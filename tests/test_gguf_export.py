@@ -386,6 +386,21 @@ def test_llama_cpp_tokenizes_as_the_hf_tokenizer(pre, tmp_path):
     check_tokenization(model_dir, tmp_path)
 
 
+def test_a_pre_tokenizer_llama_cpp_has_no_name_for_is_written_default_with_a_note(tmp_path):
+    import gguf
+
+    model_dir = make_llama(tmp_path / "m")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Whitespace"}
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    model, config = mlx_lm_load(str(model_dir), return_config=True)[::2]
+    notes = []
+    path = write_gguf(tmp_path / "v.gguf", dict(tree_flatten(model.parameters())), config, model_dir, "f32",
+                      log=notes.append)
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "default"
+    assert len(notes) == 1 and "pre-tokenizer has no llama.cpp name" in notes[0]
+
+
 def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_hf(stories_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     model_dir = tmp_path / "stories"

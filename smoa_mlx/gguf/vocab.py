@@ -77,7 +77,7 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int, log=print) -> None:
     if len(tokens) > n_vocab:
         surplus = range(n_vocab, len(tokens))
         if not all(i in added for i in surplus):
-            raise ModelError(f"{model_dir}: the tokenizer has {len(tokens)} tokens, the model {n_vocab}")
+            raise ModelError(f"GGUF export: the tokenizer has {len(tokens)} tokens, the model's embedding {n_vocab}")
         # e.g. transformers' Qwen2Tokenizer adds <|endoftext|> to any vocabulary: no row embeds it
         log(f"note: added tokens {', '.join(t.decode() for t in tokens[n_vocab:])} have no embedding row "
             "(ids past the model's vocabulary); left out of the GGUF")
@@ -91,8 +91,8 @@ def add_tokenizer(w, model_dir: Path, n_vocab: int, log=print) -> None:
     if vocab.tokenizer_model == "gpt2":
         pre = pre_tokenizer(tokenizer_json)
         if pre is None:
-            log(f"note: {model_dir / 'tokenizer.json'}: a pre-tokenizer llama.cpp has no name for; written "
-                "as 'default', so llama.cpp may split some text differently")
+            log("note: the tokenizer's pre-tokenizer has no llama.cpp name (gguf/names.py PRE_TOKENIZERS); "
+                "written as 'default', so llama.cpp may split some text differently")
             pre = "default"
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
