@@ -22,7 +22,7 @@ from .cli import run
 from .errors import AdapterError
 from .files import read_config, staged_dir, write_json
 from .fuse_check import FuseCheck, describe
-from .gguf import write_gguf
+from .gguf import default_file_name, model_hparams, out_type, write_gguf, write_modelfile
 from .hub import add_upload_args, upload_folder
 from .layer import adapter_layers
 from .loader import load_base
@@ -41,11 +41,12 @@ def fuse_layers(model, dequantize: bool = False) -> int:
 
 
 def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool = False, log=print,
-         gguf_path=None, gguf_dtype: str = "float16"):
+         gguf_path=None, gguf_dtype: str = "f16"):
     """Merge the adapter at `adapter_path` into `model` and save the result to `save_path`
-    (with a model card, and a GGUF file `save_path/gguf_path` if given)."""
+    (with a model card, and a GGUF file `save_path/gguf_path` and its Ollama Modelfile if given)."""
     from mlx_lm.utils import dequantize_model, save_config, save_model
 
+    gguf_dtype = out_type(gguf_dtype)
     mlx_model, tokenizer, config, model_dir = load_base(model, adapter_path)
     kept = {}
     if hf:
@@ -81,7 +82,9 @@ def fuse(model: str, adapter_path, save_path, hf: bool = False, dequantize: bool
                 shutil.copy(model_dir / name, tmp)
         write_fused_card(tmp, model, adapter_path, hf, parity, name=Path(save_path).name)
         if gguf_path is not None:
-            write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), config, tmp, gguf_dtype)
+            write_gguf(tmp / gguf_path, dict(tree_flatten(mlx_model.parameters())), model_hparams(config, mlx_model),
+                       tmp, gguf_dtype, log, name=Path(save_path).name)
+            write_modelfile(tmp, Path(gguf_path).as_posix(), tokenizer)
     kind = "Hugging Face checkpoint" if hf else "MLX model"
     log(f"fused {count} adapter layers of {adapter_path} into {model}; wrote the {kind} {save_path}")
     return save_path
@@ -101,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--de-quantize", "--dequantize", dest="dequantize", action="store_true",
                         help="Keep a quantized base de-quantized after merging.")
     parser.add_argument("--export-gguf", action="store_true",
-                        help="Also write the fused model as GGUF for llama.cpp (Llama; needs the gguf extra).")
+                        help="Also write the fused model as GGUF for llama.cpp and an Ollama Modelfile "
+                             "(llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text).")
     parser.add_argument("--gguf-path", default=None,
-                        help="GGUF file name inside --save-path (default: ggml-model-f16.gguf / -f32).")
-    parser.add_argument("--gguf-dtype", choices=["float16", "float32"], default="float16",
-                        help="GGUF tensor type (norms are always float32).")
+                        help="GGUF file name inside --save-path (default: ggml-model-<type>.gguf).")
+    parser.add_argument("--gguf-dtype", default="f16", metavar="TYPE",
+                        help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0 (float32/float16/bfloat16 also "
+                             "accepted; norms stay f32; q4_0 keeps the output head in q8_0).")
     add_upload_args(parser)
     return parser
 
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     gguf_path = None
     if args.export_gguf:
-        gguf_path = args.gguf_path or f"ggml-model-f{16 if args.gguf_dtype == 'float16' else 32}.gguf"
+        gguf_path = args.gguf_path or default_file_name(args.gguf_dtype)
     fuse(args.model, args.adapter_path, args.save_path, hf=args.hf, dequantize=args.dequantize,
          gguf_path=gguf_path, gguf_dtype=args.gguf_dtype)
     if args.upload_repo:

@@ -43,10 +43,16 @@ HPARAMS = {
     "rope_theta": "{arch}.rope.freq_base",
     "head_dim": "{arch}.attention.key_length",
     "vocab_size": "{arch}.vocab_size",
-    "attn_logit_softcapping": "{arch}.attn_logit_softcapping",    # gemma2
-    "final_logit_softcapping": "{arch}.final_logit_softcapping",  # gemma2
-    "sliding_window": "{arch}.attention.sliding_window",          # gemma2, gemma3
+    # Gemma 2/3 (llama.cpp reads them for those architectures only)
+    "attn_logit_softcapping": "{arch}.attn_logit_softcapping",
+    "final_logit_softcapping": "{arch}.final_logit_softcapping",
+    "sliding_window": "{arch}.attention.sliding_window",
+    "sliding_window_pattern": "{arch}.attention.sliding_window_pattern",
+    "rope_local_base_freq": "{arch}.rope.freq_base_swa",
 }
+# The config keys whose GGUF value is a float32 (the rest are uint32).
+FLOAT_HPARAMS = ("rms_norm_eps", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping",
+                 "rope_local_base_freq")
 
 
 def tensor_map(model_type: str, n_layer: int):
@@ -70,3 +76,25 @@ def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.nd
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# tokenizer.ggml.pre (llama.cpp's name for a BPE pre-tokenizer's regexes) -> the tokenizer.json
+# `pre_tokenizer` that splits text the same way (`trim_offsets` aside: offsets only).
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+_GPT2 = dict(_BYTES, use_regex=True)
+_LLAMA3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+           "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_QWEN2 = _LLAMA3.replace("\\p{N}{1,3}", "\\p{N}")
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}, _BYTES]}
+
+
+PRE_TOKENIZERS = {
+    "gpt-2": _GPT2,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _GPT2]},
+    "llama-bpe": _split(_LLAMA3),
+    "qwen2": _split(_QWEN2),
+}

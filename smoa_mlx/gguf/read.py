@@ -16,7 +16,6 @@ loader caches the result) and the three formats packed here in NumPy, the same w
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,9 +45,6 @@ def read_gguf(path) -> GGUF:
     """Everything in the GGUF at `path`; a file that is not one (truncated, unknown tensor
     type) is one `ModelError` naming it."""
     path = Path(path)
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"{path}: reading a GGUF model needs the gguf package "
-                         "(pip install 'smoa-mlx[gguf]')")
     types = tensor_types(path)
     if set(types.values()) <= NATIVE:
         try:
