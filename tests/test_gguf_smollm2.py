@@ -115,3 +115,19 @@ def test_ollama_and_lm_studio_layouts_find_it(smollm2_gguf, tmp_path, monkeypatc
     a, _ = smoa_mlx.load("ollama:smollm2:135m")
     b, _ = smoa_mlx.load(str(lm))
     assert np.array_equal(logits(a, ids), logits(b, ids))
+
+
+SAMPLES = ["What is 12345 + 678?", "In 2024, 3.14159 was   π.", "SELECT col FROM t WHERE x = 10",
+           "<|im_start|>user\nHi 42<|im_end|>", " leading space, don't stop", "naïve café — ünïcödé"]
+
+
+def test_tokenizes_as_llama_cpp_does(smol, smollm2_gguf):
+    """llama.cpp reading the same file is the reference for the whole tokenizer: vocabulary,
+    merges, the "smollm" pre-tokenizer (one digit a token), special tokens matched whole."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, tokenizer, _ = smol
+    ref = llama_cpp.Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
+    for text in SAMPLES:
+        want = ref.tokenize(text.encode(), add_bos=False, special=True)
+        assert tokenizer.encode(text, add_special_tokens=False) == want, text
+    assert len(tokenizer.encode("12345", add_special_tokens=False)) == 5

@@ -33,7 +33,7 @@ from .names import ARCHS, HPARAMS, MODEL_TYPES, tensor_map, unpermute
 from .read import GROUP, GGUF, quantized_bits, read_gguf
 from .tokenizer import end_token_ids, save_tokenizer
 
-VERSION = 1  # part of the cache key: bump when the conversion changes
+VERSION = 2  # part of the cache key: bump when the conversion changes
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # llama.cpp scales Gemma 2/3 queries by 1/sqrt(n_embd / n_head) for the 27B (46 / 62 layers),
 # by 1/sqrt(head_dim) otherwise; transformers calls it query_pre_attn_scalar.

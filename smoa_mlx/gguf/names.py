@@ -79,8 +79,9 @@ def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.nd
 
 
 # tokenizer.ggml.pre (llama.cpp's name for a BPE pre-tokenizer's regexes) -> the tokenizer.json
-# `pre_tokenizer` that splits text the same way (`trim_offsets` aside: offsets only).
-_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+# `pre_tokenizer` that splits text the same way (complete nodes, loadable as they are; compared
+# without `trim_offsets`, which only moves offsets).
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 _GPT2 = dict(_BYTES, use_regex=True)
 _LLAMA3 = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
            "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")

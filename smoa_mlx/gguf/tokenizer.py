@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelError
+from .names import PRE_TOKENIZERS
 
 # What get_gguf_tokenizer reads into the special tokens (`tokenizer.ggml.<key>`).
 SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
@@ -64,6 +65,9 @@ def save_tokenizer(metadata: dict, out: Path, source) -> None:
         raise ModelError(f"{source}: cannot build its tokenizer {kind!r} ({reason})") from None
     if kind == "llama" and metadata.get("tokenizer.ggml.add_space_prefix", True):
         _always_prefix(backend)
+    pre = PRE_TOKENIZERS.get(metadata.get("tokenizer.ggml.pre"))
+    if kind == "gpt2" and pre is not None:
+        backend = _with_pre_tokenizer(backend, pre)
     PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra).save_pretrained(str(out))
 
 
@@ -76,3 +80,16 @@ def _always_prefix(backend) -> None:
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
                                                normalizers.Replace(" ", "\u2581")])
     backend.pre_tokenizer = None
+
+
+def _with_pre_tokenizer(backend, pre: dict):
+    """The text splitting llama.cpp applies for the file's `tokenizer.ggml.pre` (names.PRE_TOKENIZERS):
+    transformers' converter ignores that key and splits every gpt2 vocabulary as GPT-2 does
+    (digit runs whole: Llama 3's "llama-bpe" splits them in threes, so its numbers would merge otherwise)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    data["pre_tokenizer"] = pre
+    return Tokenizer.from_str(json.dumps(data))

@@ -46,7 +46,7 @@ def _without_offsets(node):
 def pre_tokenizer(tokenizer_json: dict) -> str | None:
     """llama.cpp's `tokenizer.ggml.pre` for this tokenizer's pre-tokenizer (None: none known)."""
     pre = _without_offsets(tokenizer_json.get("pre_tokenizer"))
-    return next((name for name, known in PRE_TOKENIZERS.items() if pre == known), None)
+    return next((name for name, known in PRE_TOKENIZERS.items() if pre == _without_offsets(known)), None)
 
 
 def _adds_bos_eos(model_dir: Path, bos: int | None, eos: int | None) -> tuple[bool, bool]:
