@@ -4,7 +4,7 @@ Writes an MLX model directory that `mlx_lm.load` loads or, with --hf, a Hugging
 Face checkpoint that `transformers` loads with no custom code. Every adapter
 layer with a `.fuse()` is merged, so SMoA and mlx-lm LoRA/DoRA adapters (e.g. an
 imported PEFT LoRA) both work. A quantized base is de-quantized, merged and
-re-quantized like the base, unless --de-quantize; a Hugging Face checkpoint is
+re-quantized like the base, unless --dequantize; a Hugging Face checkpoint is
 always float. The output directory is staged and renamed into place.
 """
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model.")
     parser.add_argument("--hf", action="store_true",
                         help="Write a float Hugging Face checkpoint that transformers loads, not an MLX model.")
-    parser.add_argument("--de-quantize", "--dequantize", dest="dequantize", action="store_true",
+    parser.add_argument("--dequantize", "--de-quantize", dest="dequantize", action="store_true",
                         help="Keep a quantized base de-quantized after merging.")
     parser.add_argument("--export-gguf", action="store_true",
                         help="Also write the fused model as GGUF for llama.cpp and an Ollama Modelfile "

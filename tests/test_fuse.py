@@ -64,7 +64,7 @@ def fuse(capsys, *argv):
 
 def test_help(capsys):
     code, out = fuse(capsys, "--help")
-    assert code == 0 and "--de-quantize" in out.out and "--hf" in out.out
+    assert code == 0 and "--dequantize" in out.out and "--hf" in out.out
 
 
 def test_fused_mlx_and_hf_match_the_adapter(base, tmp_path, capsys):
