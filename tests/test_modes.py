@@ -274,3 +274,24 @@ def test_a_checkpoint_saved_before_the_modes_loads():
     old["window"] = {"loss": 1.5, "tokens": 10.0, "steps": 1}
     back = checkpoint.TrainingState.from_json(json.dumps(old), "x")
     assert back.window == {"loss": 1.5, "weight": 10.0, "steps": 1}
+
+
+def test_llm_adapters_pairs_load(datasets_dir, tiny_model_dir, tmp_path):
+    """scripts/make_preference_data.py: chosen is the gold option, rejected another one."""
+    import subprocess
+    import sys
+
+    src = datasets_dir / "llm_adapters" / "ARC-Easy"
+    out = tmp_path / "arc"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" /
+                    "make_preference_data.py"), str(src), str(out), "--task", "ARC-Easy",
+                    "--train", "8", "--valid", "4", "--test", "4"], check=True)
+    records = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    gold = [r["answer"] for r in json.loads((src / "train.json").read_text())[:8]]
+    assert len(records) == 8
+    for r, answer in zip(records, gold):
+        assert r["chosen"].startswith(f"the correct answer is {answer}: ")
+        assert not r["rejected"].startswith(f"the correct answer is {answer}")
+    _, tok = load_model(tiny_model_dir)
+    data = load_data(out, tok, splits=("train", "valid", "test"), kind="preference")
+    assert [len(data[s]) for s in ("train", "valid", "test")] == [8, 4, 4]
