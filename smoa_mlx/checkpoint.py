@@ -38,7 +38,9 @@ def numbered(step: int) -> str:
 
 
 def empty_window() -> dict:
-    return {"loss": 0.0, "tokens": 0.0, "steps": 0}
+    """The unreported updates' weighted loss sum, weight (SFT: tokens; DPO: pairs) and
+    count; a mode's own sums (`modes.Mode.sums_keys`) join it as they come."""
+    return {"loss": 0.0, "weight": 0.0, "steps": 0}
 
 
 @dataclass
@@ -76,7 +78,11 @@ class TrainingState:
                 raise AdapterError(f"{where}: the training state's {key!r} is "
                                    f"{data[key]!r}, not a {kind}")
         window, rng = data["window"], data["rng"]
-        if set(window) != set(empty_window()) or len(rng) != 2 or \
+        if "tokens" in window and "weight" not in window:  # saved before the modes
+            window["weight"] = window.pop("tokens")
+        if not set(empty_window()) <= set(window) or len(rng) != 2 or \
+                not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                        for x in window.values()) or \
                 not all(isinstance(x, int) for x in rng):
             raise AdapterError(f"{where}: the training state's window or rng is damaged")
         return cls(**{k: data[k] for k in kinds})

@@ -27,6 +27,7 @@ Nothing beyond A and B is stored: W0 + ΔW and the anchors M_k are rebuilt from 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -67,6 +68,26 @@ def adapter_layers(model: nn.Module, kind=None) -> dict:
     found = {p: m for p, m in model.named_modules()
              if callable(getattr(type(m), "fuse", None)) and (kind is None or isinstance(m, kind))}
     return {p: found[p] for p in sorted(found, key=natural_key)}
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """Inside, `model` is its base: every adapter layer is swapped for the layer it wraps
+    (`linear`, or `embedding` for mlx-lm's LoRAEmbedding) and put back on leaving.
+
+    DPO's reference policy, computed in the same step without a second model. Swapping
+    the module (rather than zeroing a scale) holds for every kind: a DoRA layer with
+    scale 0 still applies its learned magnitude.
+    """
+    from mlx.utils import tree_unflatten
+
+    layers = adapter_layers(model)
+    model.update_modules(tree_unflatten(
+        [(p, m.linear if "linear" in m else m.embedding) for p, m in layers.items()]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(list(layers.items())))
 
 
 def base_weight(base: nn.Module, after=None) -> mx.array:

@@ -21,10 +21,12 @@ from .data import BUNDLED_DATA, BUNDLED_MODEL  # the default: a first run needs 
 from .errors import ConfigError
 from .patch import DEFAULT_TARGETS
 from .lr_scale import MODES
+from .modes import DPO_LOSSES
 from .schedule import OPTIMIZERS, SCHEDULES, optimizer_class
 
 REAL_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
 METHODS = ("smoa", "hira", "lora")
+TRAIN_MODES = ("sft", "dpo", "orpo")
 DTYPES = ("float32", "bfloat16", "float16")
 # LoRA's default rate; SMoA's and HiRA's (None) follow the model's width
 # (lr_scale.default_rate, set once the model is loaded; docs/RESULTS.md).
@@ -101,6 +103,13 @@ class TrainOptions:
                      "alone).", kind="flag", per_invocation=True)
     test_batches: int = opt(-1, "Test batches, -1 for the whole test set.", type=int,
                             check="all_or_positive")
+    train_mode: str = opt("sft", "sft, or preference training on chosen/rejected pairs: dpo "
+                          "(reference: the model with its adapter off) or orpo "
+                          "(mlx-lm-lora's name).", choices=TRAIN_MODES, structural=True)
+    beta: float = opt(0.1, "dpo/orpo: the preference term's temperature (DPO's beta, "
+                      "ORPO's lambda).", type=float, check="positive")
+    dpo_cpo_loss_type: str = opt("sigmoid", "dpo: sigmoid (the paper's), hinge or ipo "
+                                 "(mlx-lm-lora's name).", choices=DPO_LOSSES)
     method: str = opt("smoa", "smoa, hira (smoa with one block) or lora (mlx-lm's LoRALinear, "
                       "saved in mlx-lm's format). YAML: fine_tune_type too.", choices=METHODS,
                       structural=True)
@@ -306,7 +315,7 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
         merged.get("adapter_path", DEFAULTS["adapter_path"]),
     )
     if resume is not None and resume.state is not None:
-        saved = resume.state.args
+        saved = {"train_mode": "sft", **resume.state.args}  # runs saved before the modes
         for key in STRUCTURAL:
             if key in merged and merged[key] != saved.get(key):
                 raise ConfigError(

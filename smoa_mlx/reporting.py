@@ -52,6 +52,10 @@ def fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _shown(metrics: dict) -> str:
+    return "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in metrics.items())
+
+
 def _zero() -> dict:
     return {"time": 0.0, "tokens": 0.0, "steps": 0}
 
@@ -72,11 +76,14 @@ class Reporter:
             t["tokens"] += tokens
             t["steps"] += 1
 
-    def train(self, step: int, loss: float, lr: float, trained_tokens: float) -> None:
+    def train(self, step: int, loss: float, lr: float, trained_tokens: float,
+              metrics: dict | None = None) -> None:
+        """`metrics`: the mode's means beyond the loss (DPO's reward accuracy, margin)."""
         t, s = self.timer, self.session
+        metrics = metrics or {}
         peak = mx.get_peak_memory() / 1e9
         eta = (self.iters - step) * s["time"] / s["steps"]
-        print(f"Iter {step}/{self.iters}: train loss {loss:.3f}, lr {lr:.3e}, "
+        print(f"Iter {step}/{self.iters}: train loss {loss:.3f}{_shown(metrics)}, lr {lr:.3e}, "
               f"it/s {t['steps'] / t['time']:.3f}, tok/s {t['tokens'] / t['time']:.1f}, "
               f"peak mem {peak:.3f} GB, ETA {fmt_time(eta)}", flush=True)
         self.timer = _zero()
@@ -86,13 +93,17 @@ class Reporter:
                 "iterations_per_second": t["steps"] / t["time"],
                 "tokens_per_second": t["tokens"] / t["time"],
                 "trained_tokens": trained_tokens, "peak_memory_gb": peak,
+                **{f"train_{k}": v for k, v in metrics.items()},
             })
 
-    def val(self, step: int, loss: float, took: float) -> None:
-        print(f"Iter {step}: val loss {loss:.3f}, val took {took:.1f}s", flush=True)
+    def val(self, step: int, loss: float, took: float, metrics: dict | None = None) -> None:
+        metrics = metrics or {}
+        print(f"Iter {step}: val loss {loss:.3f}{_shown(metrics)}, val took {took:.1f}s",
+              flush=True)
         if self.main:
             checkpoint.append_metrics(self.out, {"type": "val", "step": step, "val_loss": loss,
-                                                 "val_time": took})
+                                                 "val_time": took,
+                                                 **{f"val_{k}": v for k, v in metrics.items()}})
 
     def throughput(self) -> dict:
         """This session's tokens and updates per second (None before any update)."""

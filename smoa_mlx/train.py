@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .hub import adapter_files, upload_folder
 from .loader import load_base, load_model
 from .lr_scale import default_rate, step_scales
-from .modes import SFT, loss_fn
+from .modes import SFT, loss_fn, make_mode
 from .config_file import load_config
 from .options import (
     BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, PER_INVOCATION, REAL_MODEL,
@@ -85,14 +85,14 @@ def _train(args, resume, dist: Distributed) -> dict:
 
     maybe_set_recommended_wired_limit()  # as mlx_lm.lora: keep the model resident on Metal; no-op elsewhere
     mx.reset_peak_memory()
-    mode = SFT()  # what a batch is and its loss (modes.py); SFT is the one mode so far
+    mode = make_mode(args)  # what a batch is and its loss (modes.py)
     model, tokenizer, _, _ = load_base(args.model, trust_remote_code=args.trust_remote_code)
     if not args.train:
         return _test_only(model, tokenizer, args, dist, mode)
     if args.learning_rate is None:  # smoa/hira: follows the width (lr_scale.default_rate)
         args.learning_rate = default_rate(model)
     splits = ("train", "valid") + (("test",) if args.test else ())
-    data = _load_data(args, tokenizer, splits)
+    data = _load_data(args, tokenizer, splits, mode.record_kind)
     batchers = _batchers(data, args, dist, args.seed, mode)
 
     mx.random.seed(args.seed)
@@ -130,7 +130,8 @@ def _train(args, resume, dist: Distributed) -> dict:
     out = Path(args.adapter_path)
     longest = min(max(len(e.tokens) for e in data["train"]), args.max_seq_length)
     local = args.batch_size // dist.size
-    est = estimate_memory(model, summary["trainable"], args, longest, batch=local)
+    rows = local * (2 if mode.record_kind == "preference" else 1)  # chosen + rejected rows
+    est = estimate_memory(model, summary["trainable"], args, longest, batch=rows)
     truncated = sum(b.truncated for b in batchers.values())
     print(describe(model, args, summary))
     if _float_dtype(model) != mx.float32 and mx.default_device() == mx.cpu:
@@ -141,7 +142,7 @@ def _train(args, resume, dist: Distributed) -> dict:
     gb = {k: f"{v / 1e9:.3f}" for k, v in est.items()}
     print(f"Estimated peak memory (rough): {gb['total']} GB = weights {gb['weights']} + adapter "
           f"training state {gb['adapter']} + activations {gb['activations']} "
-          f"(batch {local} x {longest} tokens)", flush=True)
+          f"(batch {rows} x {longest} tokens)", flush=True)
     if dist.size > 1:
         print(f"Distributed: {dist.size} processes, each {local} examples of every global "
               f"batch of {args.batch_size}; rank 0 logs and writes {out}")
@@ -176,24 +177,27 @@ def _train(args, resume, dist: Distributed) -> dict:
     return result
 
 
-def _load_data(args, tokenizer, splits) -> dict:
-    """Local directories and hub datasets (`data`), or mlx-lm's `hf_dataset` config."""
+def _load_data(args, tokenizer, splits, kind: str = "sft") -> dict:
+    """Local directories and hub datasets (`data`), or mlx-lm's `hf_dataset` config, as
+    `kind` records (SFT examples or preference pairs)."""
     spec = args.data if args.hf_dataset is None else args.hf_dataset
     features = {k: getattr(args, k) for k in FEATURES if getattr(args, k) is not None}
-    return load_data(spec, tokenizer, mask_prompt=args.mask_prompt, splits=splits, **features)
+    return load_data(spec, tokenizer, mask_prompt=args.mask_prompt, splits=splits, kind=kind,
+                     **features)
 
 
 def _test_loss(model, batcher, args, dist, mode) -> float:
     loss = evaluate(model, batcher.eval_batches(args.test_batches), mode.loss, dist=dist,
                     desc="Testing", total=eval_total(batcher, args.test_batches))
-    print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}")
+    ppl = f", Test ppl {math.exp(loss):.3f}" if mode.record_kind == "sft" else ""
+    print(f"Test loss {loss:.3f}{ppl}")
     return loss
 
 
 def _test_only(model, tokenizer, args, dist: Distributed, mode) -> dict:
     from .adapters import load_adapter
 
-    data = _load_data(args, tokenizer, ("test",))
+    data = _load_data(args, tokenizer, ("test",), mode.record_kind)
     if args.adapter_path:
         load_adapter(model, args.adapter_path)
     model.eval()

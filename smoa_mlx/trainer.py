@@ -51,7 +51,8 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
     across processes: the loss and token count returned are those of the micro-batch
     over all ranks (so every rank sees the same loss, and the same NaN), and the
     update divides the summed gradients by the group's token count.
-    Returns (loss, tokens, accumulator).
+    A mode's third output, its dict of batch totals, comes back summed over the group.
+    Returns (loss, tokens, sums, accumulator).
     """
     value_and_grad = nn.value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
@@ -60,12 +61,16 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*args):
         *batch, acc, do_update = args
-        (value, ntoks), grad = value_and_grad(model, *batch)
+        (value, ntoks, *rest), grad = value_and_grad(model, *batch)
+        sums = rest[0] if rest else {}
         grad = tree_map(lambda g: g * ntoks, grad)
         if world > 1:
-            stats = mx.distributed.all_sum(mx.stack([value * ntoks, ntoks]), group=group)
+            keys = sorted(sums)
+            stats = mx.distributed.all_sum(
+                mx.stack([value * ntoks, ntoks, *(sums[k] for k in keys)]), group=group)
             ntoks = stats[1]
             value = stats[0] / mx.maximum(ntoks, 1)
+            sums = {k: stats[2 + i] for i, k in enumerate(keys)}
         total = ntoks
         if acc is not None:
             grad = tree_map(mx.add, grad, acc[0])
@@ -80,8 +85,8 @@ def make_step(model: nn.Module, optimizer, loss=loss_fn, group=None):
             # turn a bfloat16 adapter into float32 (the token weighting promotes it).
             optimizer.update(model, tree_map(lambda g, p: (g / per_rank).astype(p.dtype), grad,
                                              model.trainable_parameters()))
-            return value, ntoks, None
-        return value, ntoks, (grad, total)
+            return value, ntoks, sums, None
+        return value, ntoks, sums, (grad, total)
 
     return step, state
 
@@ -90,17 +95,28 @@ def evaluate(model: nn.Module, batches, loss=loss_fn, dist: Distributed | None =
              desc: str | None = None, total: int | None = None) -> float:
     """Token-weighted mean `loss` over `batches` (of the loss's mode); with `dist`,
     over every rank's rows of them. With `desc`, rank 0 shows its progress."""
+    return evaluate_sums(model, batches, loss, dist, desc, total)[0]
+
+
+def evaluate_sums(model: nn.Module, batches, loss=loss_fn, dist: Distributed | None = None,
+                  desc: str | None = None, total: int | None = None) -> tuple[float, dict]:
+    """`evaluate`, and the totals over `batches` of the loss's weight and its sums
+    (what a mode's `metrics` turns into reported means)."""
     show = desc is not None and (dist is None or dist.main)
-    loss_sum, ntoks = mx.array(0.0), mx.array(0.0)
+    totals = {"loss": mx.array(0.0), "weight": mx.array(0.0)}
     with progress(desc, total, show) as advance:
         for batch in batches:
-            value, n = loss(model, *batch)
-            loss_sum, ntoks = loss_sum + value * n, ntoks + n
-            mx.eval(loss_sum, ntoks)
+            value, n, *rest = loss(model, *batch)
+            for k, v in {"loss": value * n, "weight": n, **(rest[0] if rest else {})}.items():
+                totals[k] = totals.get(k, 0.0) + v
+            mx.eval(totals)
             advance()
+    keys = sorted(totals)
+    values = [totals[k].item() for k in keys]
     if dist is not None and dist.size > 1:
-        loss_sum, ntoks = map(mx.array, dist.sum([loss_sum.item(), ntoks.item()], "an evaluation"))
-    return (loss_sum / mx.maximum(ntoks, 1)).item()
+        values = dist.sum(values, "an evaluation")
+    totals = dict(zip(keys, values))
+    return totals["loss"] / max(totals["weight"], 1), totals
 
 
 def eval_total(batcher, num_batches: int) -> int:
@@ -226,6 +242,14 @@ def adapter_config(model: nn.Module, args, paths) -> dict:
     return smoa_config(model, base_model=args.model, **run_args)
 
 
+def _mode_text(args) -> str:
+    mode = getattr(args, "train_mode", "sft")
+    if mode == "sft":
+        return ""
+    kind = f" {args.dpo_cpo_loss_type}" if mode == "dpo" else ""
+    return f"; {mode}{kind} beta {args.beta:g}"
+
+
 def _float_dtype(model: nn.Module):
     """The dtype the base model computes in: that of its (never quantized) norm weights."""
     norms = [m.weight.dtype for _, m in model.named_modules() if isinstance(m, nn.RMSNorm)]
@@ -240,7 +264,7 @@ def describe(model: nn.Module, args, summary: dict) -> str:
     how = f"r={args.rank}{blocks} alpha={args.alpha}"
     return (
         f"Model {args.model} ({len(model.layers)} layers, {base}); method {args.method} {how} "
-        f"on {' '.join(args.targets)}, lr {args.learning_rate:g}\n"
+        f"on {' '.join(args.targets)}, lr {args.learning_rate:g}{_mode_text(args)}\n"
         f"Trainable parameters: {summary['percent']:.3f}% "
         f"({summary['trainable'] / 1e6:.3f}M/{summary['total'] / 1e6:.3f}M)"
     )
@@ -331,16 +355,20 @@ class Loop:
         """One optimizer update over --grad-accumulation-steps batches."""
         accum, st = self.args.grad_accumulation_steps, self.state
         tic = time.perf_counter()
-        acc, loss_sum, tokens = None, 0.0, 0.0
+        acc, loss_sum, weight_sum, tokens, extra = None, 0.0, 0.0, 0.0, {}
         for i in range(accum):
             batch = self.train_batches.batch(st.micro_step + i)
-            value, ntoks, acc = step_fn(*batch, acc, i == accum - 1)
+            value, weight, sums, acc = step_fn(*batch, acc, i == accum - 1)
             with self.dist.wait(f"training step {st.step + 1}"):
-                mx.eval(compiled_state, value, ntoks, acc)
-            value, ntoks = value.item(), ntoks.item()
+                mx.eval(compiled_state, value, weight, sums, acc)
+            value, weight = value.item(), weight.item()
             if not math.isfinite(value):
                 raise Diverged(_diverged(st.step + 1, "the loss", self.last_saved, self.args))
-            loss_sum, tokens = loss_sum + value * ntoks, tokens + ntoks
+            sums = {k: v.item() for k, v in sums.items()}
+            tokens += sums.pop("tokens", weight)  # SFT's weight is its token count
+            loss_sum, weight_sum = loss_sum + value * weight, weight_sum + weight
+            for k, v in sums.items():
+                extra[k] = extra.get(k, 0.0) + v
         st.step, st.micro_step, st.rng = st.step + 1, st.micro_step + accum, _rng_key()
         if self.args.clear_cache_threshold and \
                 mx.get_cache_memory() > self.args.clear_cache_threshold:
@@ -348,13 +376,16 @@ class Loop:
         self.reporter.update(time.perf_counter() - tic, tokens)
         st.trained_tokens += tokens
         st.window["loss"] += loss_sum
-        st.window["tokens"] += tokens
+        st.window["weight"] += weight_sum
         st.window["steps"] += 1
+        for k, v in extra.items():  # the mode's sums (DPO's rewards), reported with the loss
+            st.window[k] = st.window.get(k, 0.0) + v
 
     def report(self) -> None:
         st = self.state
-        loss = st.window["loss"] / max(st.window["tokens"], 1)
-        self.reporter.train(st.step, loss, self.optimizer.learning_rate.item(), st.trained_tokens)
+        loss = st.window["loss"] / max(st.window["weight"], 1)
+        self.reporter.train(st.step, loss, self.optimizer.learning_rate.item(), st.trained_tokens,
+                            self.mode.metrics(st.window))
         self.last_train_loss = loss
         st.window = checkpoint.empty_window()
 
@@ -364,10 +395,10 @@ class Loop:
         tic = time.perf_counter()
         self.model.eval()
         n = self.args.val_batches
-        loss = evaluate(self.model, self.valid.eval_batches(n), self.mode.loss, dist=self.dist,
-                        desc="Validating", total=eval_total(self.valid, n))
+        loss, sums = evaluate_sums(self.model, self.valid.eval_batches(n), self.mode.loss,
+                                   dist=self.dist, desc="Validating", total=eval_total(self.valid, n))
         self.model.train()
-        self.reporter.val(self.state.step, loss, time.perf_counter() - tic)
+        self.reporter.val(self.state.step, loss, time.perf_counter() - tic, self.mode.metrics(sums))
         return loss
 
     def save(self) -> None:

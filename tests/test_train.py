@@ -200,7 +200,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_model_dir, arith):
     step(inputs, targets, mask, None, True)
     mx.eval(state)
     step, state = make_step(acc_model, optim.SGD(learning_rate=1e3))
-    _, _, acc = step(*halves[0], None, False)
+    _, _, _, acc = step(*halves[0], None, False)
     mx.eval(state, acc)
     step(*halves[1], acc, True)
     mx.eval(state)

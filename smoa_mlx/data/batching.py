@@ -59,17 +59,22 @@ class Batcher:
     def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
         """(inputs, targets, mask), each (batch_size, L): this rank's rows of the step's batch."""
         group = self.group(step)
+        rows = [self.examples[i] if i >= 0 else None for i in group[self.rank::self.world_size]]
+        return self._arrays(rows, self._width(group))
+
+    def _width(self, group) -> int:
         longest = max(min(len(self.examples[i].tokens) - 1, self.max_seq_length)
                       for i in group if i >= 0)
-        width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_seq_length)
-        rows = group[self.rank::self.world_size]
+        return min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_seq_length)
+
+    def _arrays(self, rows, width: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Padded (inputs, targets, mask) of `Example`s (None: an empty row)."""
         inputs = np.zeros((len(rows), width), np.int32)
         targets = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), np.float32)
-        for r, i in enumerate(rows):
-            if i < 0:
+        for r, example in enumerate(rows):
+            if example is None:
                 continue
-            example = self.examples[i]
             tokens = example.tokens[: self.max_seq_length + 1]
             n = len(tokens) - 1
             inputs[r, :n] = tokens[:-1]
@@ -84,3 +89,16 @@ class Batcher:
         n = self.num_batches if num_batches < 0 else min(num_batches, self.num_batches)
         for step in range(n):
             yield self.batch(step)
+
+
+class PairBatcher(Batcher):
+    """Batches of preference `Pair`s, grouped and ordered exactly as `Batcher` groups
+    examples (by the longer reply): (inputs, targets, mask) of 2 * batch_size rows, the
+    chosen sequences then the rejected ones at one width, so one forward pass scores
+    both (row i and row batch_size + i are one pair)."""
+
+    def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
+        group = self.group(step)
+        pairs = [self.examples[i] if i >= 0 else None for i in group[self.rank::self.world_size]]
+        rows = [p and p.chosen for p in pairs] + [p and p.rejected for p in pairs]
+        return self._arrays(rows, self._width(group))

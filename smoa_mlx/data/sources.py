@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError, MissingFileError
 from .formats import FEATURES, Example, to_examples
+from .preference import to_pairs
 from .read import json_type, read_records, warn
 
 BUNDLED = Path(__file__).parent.parent / "bundled"
@@ -30,18 +31,21 @@ SUFFIXES = (".jsonl", ".json")
 # with the run's own, and so does this loader.
 HF_KEYS = {"path", "train_split", "valid_split", "test_split", "config", "mask_prompt",
            *FEATURES}
+# What a record becomes: an SFT `Example`, or a preference `Pair` (DPO, ORPO).
+CONVERTERS = {"sft": to_examples, "preference": to_pairs}
 HF_DEFAULT_SPLITS = {"train": "train[:80%]", "valid": "train[-10%:]"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_split(path, tokenizer, mask_prompt: bool = False, **features) -> list[Example]:
+def load_split(path, tokenizer, mask_prompt: bool = False, convert=to_examples,
+               **features) -> list[Example]:
     """Parse, validate and tokenize one file; any bad record is a DataError at `file:line`."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: expected a .jsonl or .json file")
     if not path.is_file():
         raise MissingFileError(f"{path}: file not found")
-    return to_examples(str(path), read_records(path), tokenizer, mask_prompt, features)
+    return convert(str(path), read_records(path), tokenizer, mask_prompt, features)
 
 
 def split_path(data_dir, split: str) -> Path | None:
@@ -67,10 +71,10 @@ def _datasets():
     return datasets
 
 
-def _load_local(data_dir: Path, tokenizer, mask_prompt, splits, features) -> dict:
+def _load_local(data_dir: Path, tokenizer, mask_prompt, splits, features, convert) -> dict:
     if (data_dir / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
         dd = _datasets().load_from_disk(str(data_dir))
-        return _load_dict(dd, str(data_dir), tokenizer, mask_prompt, splits, features)
+        return _load_dict(dd, str(data_dir), tokenizer, mask_prompt, splits, features, convert)
     if (data_dir / "state.json").is_file():  # Dataset.save_to_disk: one split, but which?
         raise DataError(f"{data_dir}: a single saved Dataset; save a DatasetDict with "
                         "'train' (and 'valid', 'test') splits instead")
@@ -82,7 +86,7 @@ def _load_local(data_dir: Path, tokenizer, mask_prompt, splits, features) -> dic
             out[split] = _absent(split, f"{data_dir}: the {split} split is missing "
                                         f"(looked for {tried})")
         else:
-            out[split] = load_split(path, tokenizer, mask_prompt, **features)
+            out[split] = load_split(path, tokenizer, mask_prompt, convert, **features)
     return out
 
 
@@ -94,14 +98,14 @@ def _absent(split: str, message: str) -> list:
     return []
 
 
-def _load_dict(dd, name: str, tokenizer, mask_prompt, splits, features) -> dict:
+def _load_dict(dd, name: str, tokenizer, mask_prompt, splits, features, convert) -> dict:
     """The train / valid / test splits of a DatasetDict (mlx-lm's `load_hf_dataset`)."""
     out = {}
     for split in splits:
         # `datasets` names a valid.* file's split "validation"; mlx-lm would skip it.
         found = "validation" if split == "valid" and "valid" not in dd else split
         if found in dd:
-            out[split] = to_examples(f"{name} [{found}]", _rows(dd[found], f"{name} [{found}]"),
+            out[split] = convert(f"{name} [{found}]", _rows(dd[found], f"{name} [{found}]"),
                                    tokenizer, mask_prompt, features)
         else:
             out[split] = _absent(split, f"{name}: the {split} split is missing (the dataset "
@@ -109,7 +113,7 @@ def _load_dict(dd, name: str, tokenizer, mask_prompt, splits, features) -> dict:
     return out
 
 
-def _load_hub(data_id: str, tokenizer, mask_prompt, splits, features) -> dict:
+def _load_hub(data_id: str, tokenizer, mask_prompt, splits, features, convert) -> dict:
     datasets = _datasets()
     try:
         dd = datasets.load_dataset(data_id)
@@ -117,7 +121,7 @@ def _load_hub(data_id: str, tokenizer, mask_prompt, splits, features) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{data_id}: no such local directory, and loading it as a Hugging "
                         f"Face dataset failed: {reason}") from None
-    return _load_dict(dd, data_id, tokenizer, mask_prompt, splits, features)
+    return _load_dict(dd, data_id, tokenizer, mask_prompt, splits, features, convert)
 
 
 def _check_hf_entry(entry, where: str) -> dict:
@@ -136,7 +140,7 @@ def _check_hf_entry(entry, where: str) -> dict:
     return entry
 
 
-def _load_hf_config(config, tokenizer, mask_prompt, splits) -> dict:
+def _load_hf_config(config, tokenizer, mask_prompt, splits, convert) -> dict:
     """mlx-lm's `load_custom_hf_dataset`: one entry or a list, each split concatenated."""
     entries = [config] if isinstance(config, dict) else config
     if not isinstance(entries, list) or not entries:
@@ -160,32 +164,34 @@ def _load_hf_config(config, tokenizer, mask_prompt, splits) -> dict:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"{name}: loading the Hugging Face dataset failed: "
                                 f"{reason}") from None
-            out[split] += to_examples(name, _rows(ds, name), tokenizer, mask_prompt, features)
+            out[split] += convert(name, _rows(ds, name), tokenizer, mask_prompt, features)
     return out
 
 
 def load_data(spec, tokenizer, mask_prompt: bool = False, splits=("train", "valid"),
-              **features) -> dict[str, list[Example]]:
+              kind: str = "sft", **features) -> dict[str, list[Example]]:
     """Every requested split, fully validated, so bad input stops before training starts.
 
     `spec`: a local directory, a Hugging Face Hub dataset id, or an `hf_dataset` config
     (a mapping or a list of them). `features`: mlx-lm's `prompt_feature`,
     `completion_feature`, `chat_feature`, `text_feature` for a directory or a Hub id.
     A missing valid split gives [] and a warning; a missing train or test split is an error.
+    `kind`: "sft" records become `Example`s, "preference" records `Pair`s.
     """
+    convert = CONVERTERS[kind]
     if unknown := sorted(set(features) - set(FEATURES)):
         raise ConfigError(f"unknown data option(s) {unknown} (known: {', '.join(FEATURES)})")
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ConfigError(f"unknown split(s) {bad} (known: {', '.join(SPLITS)})")
     if isinstance(spec, (dict, list)):
-        return _load_hf_config(spec, tokenizer, mask_prompt, splits)
+        return _load_hf_config(spec, tokenizer, mask_prompt, splits, convert)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise DataError(f"{path}: --data is a directory holding train.jsonl / valid.jsonl "
                             "(/ test.jsonl), not a file")
-        return _load_local(path, tokenizer, mask_prompt, splits, features)
+        return _load_local(path, tokenizer, mask_prompt, splits, features, convert)
     if not _HUB_ID.fullmatch(str(spec)):
         raise MissingFileError(f"{path}: data directory not found")
-    return _load_hub(str(spec), tokenizer, mask_prompt, splits, features)
+    return _load_hub(str(spec), tokenizer, mask_prompt, splits, features, convert)
