@@ -1,0 +1,45 @@
+"""An adapter applied for inference at the base's speed (generate, chat, serve).
+
+Training keeps SMoA's layers unmerged (A and B change every step); inference does
+not, so every SMoA layer is prepared once when its adapter is loaded for inference
+(`SMoALinear.prepare`): a float base computes with `W0 + ΔW`, one plain matmul as
+the base's; a quantized base keeps the folded path (re-quantizing the merged weight
+rounds the update away: fuse_check) with its factors precomputed.
+
+Two ways, by whether the bare base is needed again:
+- `keep_base=False` (generate, chat, serve with one adapter): a float layer is
+  replaced by its fused plain layer, so W0 is freed and nothing is kept twice;
+- `keep_base=True` (serve --adapter-dir, which switches adapters per request): the
+  base stays untouched beside the merged weight of the active adapter's layers, and
+  `unprepare` drops those (switching back re-merges: docs/PERFORMANCE.md has the cost).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .layer import SMoALinear, adapter_layers
+
+
+def prepare_for_inference(model: nn.Module, keep_base: bool = False) -> int:
+    """Prepare every SMoA layer of `model` for inference (module docstring); returns how many."""
+    layers = adapter_layers(model, SMoALinear)
+    fused = []
+    for path, layer in layers.items():
+        if not keep_base and isinstance(layer.linear, nn.Linear):
+            fused.append((path, layer.fuse()))
+        else:
+            layer.prepare()
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+        mx.eval([m.parameters() for _, m in fused])
+    return len(layers)
+
+
+def unprepare(modules) -> None:
+    """Undo `prepare_for_inference(..., keep_base=True)` on these modules (and their children)."""
+    for module in modules:
+        for layer in adapter_layers(module, SMoALinear).values():
+            layer.unprepare()
