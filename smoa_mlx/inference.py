@@ -11,7 +11,8 @@ Two ways, by whether the bare base is needed again:
   replaced by its fused plain layer, so W0 is freed and nothing is kept twice;
 - `keep_base=True` (serve --adapter-dir, which switches adapters per request): the
   base stays untouched beside the merged weight of the active adapter's layers, and
-  `unprepare` drops those (switching back re-merges: docs/PERFORMANCE.md has the cost).
+  `unprepare` drops those (switching back re-merges: docs/PERFORMANCE.md has the cost;
+  a quantized base's small folded factors are kept, so switching there costs nothing).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def prepare_for_inference(model: nn.Module, keep_base: bool = False) -> int:
 
 
 def unprepare(modules) -> None:
-    """Undo `prepare_for_inference(..., keep_base=True)` on these modules (and their children)."""
+    """Drop the merged weights `prepare_for_inference(..., keep_base=True)` made in these
+    modules (and their children). A quantized base's folded factors are kept: they take
+    (1 + R) (d_in + d_out) values a layer, and keeping them makes switching back free."""
     for module in modules:
         for layer in adapter_layers(module, SMoALinear).values():
-            layer.unprepare()
+            if layer._merged is not None:
+                layer.unprepare()

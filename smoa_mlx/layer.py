@@ -323,7 +323,10 @@ class SMoALinear(nn.Module):
         (A and B must not change meanwhile). A float base gets `W0 + ΔW`, so each call is
         the base's one plain matmul; a quantized base, whose merged weight cannot be
         re-quantized without losing the update (fuse_check), gets the folded path's
-        factors. The base layer is untouched, so `unprepare` is exact."""
+        factors. The base layer is untouched, so `unprepare` is exact. Already prepared:
+        nothing to do."""
+        if self._merged is not None or self._prepared is not None:
+            return
         if isinstance(self.linear, nn.Linear):
             w0 = self.linear.weight
             self._merged = (w0 + self.delta_weight()).astype(w0.dtype)

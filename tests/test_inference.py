@@ -106,29 +106,39 @@ def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapte
     assert np.abs(_logits(model, tokens) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter, tmp_path):
+def _fresh(path, quantized: bool, adapter=None):
+    model, _ = smoa_mlx.load(str(path))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    if adapter is not None:
+        smoa_mlx.load_adapter(model, adapter)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter, tmp_path, quantized):
     root = tmp_path / "dir"
     for name, seed in (("a", 1), ("b", 2)):
         make_adapter(tiny_model_dir, root / name, seed=seed)
     tokens = list(range(3, 30))
-    expected = {}
-    for name in ("a", "b"):
-        m, _ = load_model(tiny_model_dir, root / name)
-        expected[name] = _logits(m, tokens)
-    model, _ = smoa_mlx.load(str(tiny_model_dir))
+    expected = {n: _logits(_fresh(tiny_model_dir, quantized, root / n), tokens) for n in ("a", "b")}
+    model = _fresh(tiny_model_dir, quantized)
     bare = _logits(model, tokens)
     adapters = Adapters(model, "base", None, root)
+    tol = 1e-4 if quantized else 1e-5
     for name in ("a", "b", "a", "base", "b", "base"):
         adapters.activate(adapters.resolve(name))
         got = _logits(model, tokens)
         if name == "base":
             assert np.array_equal(got, bare)  # restored bit for bit
             assert not any(layer._merged is not None for v in adapters.variants.values()
-                           for layer in smoa_layers_of(v))
+                           for layer in smoa_layers_of(v))  # no merged copy left behind
         else:
-            assert np.abs(got - expected[name]).max() <= 1e-5 * np.abs(expected[name]).max()
-            merged = [layer for layer in smoa_layers_of(adapters.active)]
-            assert merged and all(layer._merged is not None for layer in merged)
+            assert np.abs(got - expected[name]).max() <= tol * np.abs(expected[name]).max()
+            active = smoa_layers_of(adapters.active)
+            assert active and all((layer._prepared if quantized else layer._merged) is not None
+                                  for layer in active)
 
 
 def smoa_layers_of(variant):
