@@ -39,11 +39,27 @@ def prepare_for_inference(model: nn.Module, keep_base: bool = False) -> int:
     return len(layers)
 
 
+def _smoa_in(modules):
+    """The SMoA layers among `modules` and their children (unordered: a switch walks them
+    on every request, so not `adapter_layers`' sorted walk)."""
+    for module in modules:
+        if isinstance(module, SMoALinear):  # what apply_smoa replaces: no walk needed
+            yield module
+        else:
+            yield from (m for _, m in module.named_modules() if isinstance(m, SMoALinear))
+
+
+def prepare(modules) -> None:
+    """`prepare_for_inference(..., keep_base=True)` on these modules (and their children)
+    only: what switching to an adapter does, without walking the whole model."""
+    for layer in _smoa_in(modules):
+        layer.prepare()
+
+
 def unprepare(modules) -> None:
     """Drop the merged weights `prepare_for_inference(..., keep_base=True)` made in these
     modules (and their children). A quantized base's folded factors are kept: they take
     (1 + R) (d_in + d_out) values a layer, and keeping them makes switching back free."""
-    for module in modules:
-        for layer in adapter_layers(module, SMoALinear).values():
-            if layer._merged is not None:
-                layer.unprepare()
+    for layer in _smoa_in(modules):
+        if layer._merged is not None:
+            layer.unprepare()

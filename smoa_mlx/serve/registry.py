@@ -16,7 +16,7 @@ from mlx.utils import tree_unflatten
 from ..adapters import CONFIG, load_adapter
 from ..errors import MissingFileError
 from ..generate import PromptCache
-from ..inference import prepare_for_inference, unprepare
+from ..inference import prepare, prepare_for_inference, unprepare
 from .schema import APIError, bad_request
 
 
@@ -119,7 +119,7 @@ class Adapters:
         self._restore()
         if variant.modules:
             self.model.update_modules(tree_unflatten(list(variant.modules.items())))
-            prepare_for_inference(self.model, keep_base=True)
+            prepare(variant.modules.values())
         self.active = variant
         self.switch_seconds = time.perf_counter() - start
 
