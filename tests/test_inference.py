@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.utils import dequantize_model
 
 import smoa_mlx
-from smoa_mlx.inference import prepare_for_inference, unprepare
+from smoa_mlx.inference import prepare_for_inference
 from smoa_mlx.layer import SMoALinear, base_weight
 from smoa_mlx.loader import load_model
 from smoa_mlx.patch import smoa_layers
@@ -155,10 +155,6 @@ def test_serve_single_adapter_fuses_and_lets_the_base_go(tiny_model_dir, make_ad
     assert not set(adapters.default.modules) & set(adapters.base)  # replaced base layers not kept
     got = _logits(model, tokens)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-
-
-def test_unprepare_is_a_no_op_without_smoa_layers():
-    unprepare([nn.Linear(4, 4)])
 
 
 def _smollm2_adapted(path, dequantize: bool):
