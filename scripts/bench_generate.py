@@ -1,16 +1,22 @@
-"""Decoding speed: base model vs base + unfused SMoA adapter vs the fused model.
+"""Decoding speed: the base vs the base with an adapter, LoRA and SMoA, unfused and fused.
 
   eval "$(../shared/tools/fast-blas.sh)"    # Linux: MLX's bundled BLAS is ~30x slower
-  python scripts/bench_generate.py
+  python scripts/bench_generate.py --model ~/.cache/smoa-fixtures/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  python scripts/bench_generate.py          # the generated Llama-3.2-1B-shaped model [--bits 4]
 
 Greedy decoding with mlx-lm's `generate_step` (KV cache, no early stop at EOS) of a
-fixed number of tokens after a short prompt, on the generated Llama-3.2-1B-shaped
-float32 model and on stories260K-hf. The adapter is SMoA r=8 K=2 on q,k,v,up,down
-with nonzero B; "unfused" is the model as `smoa_mlx.load(..., adapter_path=...)`
-returns it, "fused" merges W0 + ΔW into plain layers (`smoa_mlx.fuse.fuse_layers`).
-`--bits 4` quantizes the base first (group size 64; fused layers are re-quantized).
-Decode tokens/s excludes the prompt; medians of interleaved repeats. The last line
-is the SUMMARY on the 1B-shaped model.
+fixed number of tokens after a short prompt. Adapters are r=8 on q,k,v,up,down with
+nonzero B. Rows:
+- base;
+- mlx-lm LoRA, unfused (`LoRALinear`, as `mlx_lm.load(..., adapter_path=)` gives it);
+- SMoA K=2 as training leaves it (every call rebuilds from A, B: the old inference path);
+- SMoA prepared with the base kept (`serve --adapter-dir`: `prepare_for_inference(keep_base=True)`);
+- SMoA prepared for generate/chat (`prepare_for_inference()`: a float layer is fused, a
+  quantized one keeps the folded path with its factors precomputed);
+- SMoA fused (`fuse_layers`; a quantized base is re-quantized, which can lose the update).
+`--model` takes any model `smoa_mlx.load` reads (a GGUF too): a quantized model is
+measured as it is and de-quantized to float32, so the SUMMARY covers both. Decode
+tokens/s excludes the prompt; medians of interleaved repeats.
 """
 
 from __future__ import annotations
@@ -22,26 +28,44 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
-from mlx_lm.utils import load
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import dequantize_model
 
+import smoa_mlx
 from benchlib import STORIES, banner, llama_1b_shaped, load as load_avg, median, table
 from smoa_mlx.fuse import fuse_layers
-from smoa_mlx.patch import apply_smoa, smoa_layers
+from smoa_mlx.inference import prepare_for_inference
+from smoa_mlx.patch import DEFAULT_TARGETS, apply_smoa, smoa_layers
 
-VARIANTS = ["base", "unfused SMoA", "fused SMoA"]
+VARIANTS = ["base", "LoRA unfused", "SMoA unprepared", "SMoA keep-base", "SMoA prepared", "SMoA fused"]
+SHORT = {"LoRA unfused": "lora", "SMoA unprepared": "smoa_old", "SMoA keep-base": "smoa_keep",
+         "SMoA prepared": "smoa", "SMoA fused": "fused"}
 
 
-def build(path: Path, variant: str, bits: int | None):
-    model, tokenizer = load(str(path))
+def build(path: Path, variant: str, bits: int | None, to_float: bool):
+    model, tokenizer = smoa_mlx.load(str(path))
+    if to_float:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
-    if variant != "base":
+    mx.random.seed(1)
+    if variant.startswith("LoRA"):
+        keys = [p for p, _ in model.layers[0].named_modules() if p.split(".")[-1] in DEFAULT_TARGETS]
+        linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 1.0, "dropout": 0.0,
+                                                         "keys": keys})
+        loras = [m for _, m in model.named_modules() if "lora_b" in m]
+        assert len(loras) == len(keys) * len(model.layers)
+        for m in loras:
+            m.lora_b = 0.01 * mx.random.normal(m.lora_b.shape)
+    elif variant != "base":
         apply_smoa(model, rank=8, num_blocks=2, alpha=8.0)
-        mx.random.seed(1)
         for layer in smoa_layers(model).values():
             layer.smoa_b = [0.01 * mx.random.normal(b.shape) for b in layer.smoa_b]
-        if variant.startswith("fused"):
+        if variant == "SMoA fused":
             fuse_layers(model)
+        elif variant != "SMoA unprepared":
+            prepare_for_inference(model, keep_base=variant == "SMoA keep-base")
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
@@ -56,9 +80,10 @@ def decode_tps(model, prompt: mx.array, tokens: int) -> float:
     return n / (time.perf_counter() - tic)
 
 
-def bench_model(name: str, path: Path, tokens: int, repeats: int, bits: int | None) -> dict:
-    print(f"== {name}: {path}" + (f", quantized to {bits} bits" if bits else ""))
-    models = {v: build(path, v, bits) for v in VARIANTS}
+def bench_model(name: str, path: Path, tokens: int, repeats: int, bits=None, to_float=False) -> dict:
+    print(f"== {name}: {path}" + (f", quantized to {bits} bits" if bits else "")
+          + (", de-quantized to float32" if to_float else ""))
+    models = {v: build(path, v, bits, to_float) for v in VARIANTS}
     prompt = mx.array(models["base"][1].encode("Once upon a time, there was a little"))
     tps = {v: [] for v in VARIANTS}
     for i in range(repeats + 1):  # the first round warms up
@@ -69,26 +94,42 @@ def bench_model(name: str, path: Path, tokens: int, repeats: int, bits: int | No
     med = {v: median(t) for v, t in tps.items()}
     print(f"{tokens} tokens after a {prompt.size}-token prompt, median of {repeats}; {load_avg()}")
     table(["variant", "tokens/s", "vs base"], [[v, med[v], med[v] / med["base"]] for v in VARIANTS])
-    return med
+    print()
+    return {SHORT[v]: med[v] / med["base"] for v in VARIANTS[1:]}
+
+
+def summary(prefix: str, ratios: dict) -> str:
+    return " ".join(f"{prefix}{k}_vs_base={r:.3f}" for k, r in ratios.items())
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="A model smoa_mlx.load reads (directory or .gguf); default: the 1B-shaped one.")
     parser.add_argument("--tokens", type=int, default=32, help="Tokens generated per run.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant.")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the 1B-shaped model.")
     parser.add_argument("--work-dir", default="/tmp/smoa_bench", help="Where the generated model goes.")
-    parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the base (group size 64).")
+    parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the 1B-shaped base (group size 64).")
     args = parser.parse_args(argv)
     banner()
+    if args.model:
+        model, _, config = smoa_mlx.load(args.model, return_config=True)
+        quantized = "quantization" in config
+        del model
+        parts = [summary("float_", bench_model("float32", args.model, args.tokens, args.repeats,
+                                               to_float=quantized))]
+        if quantized:
+            parts.append(summary("quant_", bench_model("quantized", args.model, args.tokens, args.repeats)))
+        print("SUMMARY " + " ".join(parts))
+        return
     if args.bits:  # stories260K's MLP width (172) has no quantization group size
         print("(stories260K-hf is not quantizable: skipped)\n")
     elif STORIES.exists():
-        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats, args.bits)
+        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats)
     big = bench_model("Llama-3.2-1B-shaped", llama_1b_shaped(Path(args.work_dir), args.layers),
                       args.tokens, args.repeats, args.bits)
-    print(f"SUMMARY unfused_vs_base={big['unfused SMoA'] / big['base']:.3f} "
-          f"fused_vs_base={big['fused SMoA'] / big['base']:.3f}")
+    print("SUMMARY " + summary("", big))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,19 @@ matmuls: base 2·N·d_in·d_out per pass (forward, input gradient), SMoA adds th
 per-block weight gradient, 1/K of one pass, and builds W0 + ΔW (2·R·d_in·d_out per
 pass); see docs/PERFORMANCE.md.
 
-`--decode` times one token instead (no gradients) on the Llama-1B projection shapes:
-the base, SMoALinear (its folded path: one matmul of W0 with 1 + R rows), and, for
-comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)` next to
-the base matmul with the anchors M_k stored, or rebuilt (de-quantized) on each call.
+`--decode` times one token instead (no gradients) on the Llama-1B projection shapes
+(`--smollm2`: SmolLM2-135M's): the base, SMoALinear as training leaves it (its folded
+path: one matmul of W0 with 1 + R rows, factors rebuilt per call), SMoALinear prepared
+for inference (`prepare`: a float base merged, a quantized one folded with precomputed
+factors), and, for comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`
+next to the base matmul with the anchors M_k stored, or rebuilt (de-quantized) on each
+call. `ops` counts the nodes of each variant's graph for one call (`mx.export_to_dot`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +33,14 @@ from benchlib import banner, median, table, time_interleaved
 from smoa_mlx.layer import SMoALinear, _anchors, _join, base_weight
 
 DECODE_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]  # (d_out, d_in)
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+def graph_nodes(out: mx.array) -> int:
+    """Operations in the (unevaluated) graph that computes `out`."""
+    f = io.StringIO()
+    mx.export_to_dot(f, out)
+    return f.getvalue().count("shape=rectangle")
 
 
 def matmul_flops(n: int, d: int, k: int | None, rank: int) -> float:
@@ -55,26 +67,32 @@ def decode(args) -> None:
     print(f"one token through one layer{quantized}, float32 x, r={args.rank} K=2, "
           f"median of {args.repeats * 10} interleaved calls (ms)")
     rows = []
-    for d_out, d_in in DECODE_SHAPES:
+    for d_out, d_in in SMOLLM2_SHAPES if args.smollm2 else DECODE_SHAPES:
         base = nn.Linear(d_in, d_out, bias=False)
         if args.bits:
-            base = nn.QuantizedLinear.from_linear(base, 64, args.bits)
+            base = nn.QuantizedLinear.from_linear(base, 64 if d_in % 64 == 0 else 32, args.bits)
         layer = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
         layer.smoa_b = [mx.random.normal(b.shape) * 0.01 for b in layer.smoa_b]
+        prepared = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
+        prepared.update(layer.parameters())
+        prepared.prepare()
         stored = _anchors(base_weight(base), layer._blocks)
         x = mx.random.normal((1, 1, d_in))
         mx.eval(x, stored, layer.parameters())
         variants = {
             "base": lambda: base(x),
             "SMoA (folded)": lambda: layer(x),
+            "SMoA prepared": lambda: prepared(x),
             "anchors stored": lambda: factored(layer, x, stored),
             "anchors rebuilt": lambda: factored(layer, x, _anchors(base_weight(base), layer._blocks)),
         }
         t = {n: median(v) for n, v in time_interleaved(variants, args.repeats * 10).items()}
         rows.append([f"{d_out}x{d_in}"] + [t[n] * 1e3 for n in variants]
-                    + [t["SMoA (folded)"] / t["base"], t["anchors stored"] / t["base"],
-                       sum(a.nbytes for a in stored) / 2**20])
-    table(["shape", *variants, "folded/base", "stored/base", "stored MiB"], rows)
+                    + [t["SMoA (folded)"] / t["base"], t["SMoA prepared"] / t["base"],
+                       t["anchors stored"] / t["base"], sum(a.nbytes for a in stored) / 2**20,
+                       "/".join(str(graph_nodes(variants[n]())) for n in list(variants)[:3])])
+    table(["shape", *variants, "folded/base", "prepared/base", "stored/base", "stored MiB",
+           "ops base/folded/prepared"], rows)
 
 
 def main(argv=None) -> None:
@@ -86,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-blocks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the base (group size 64).")
     parser.add_argument("--decode", action="store_true", help="Time one token per call (decoding).")
+    parser.add_argument("--smollm2", action="store_true", help="--decode on SmolLM2-135M's shapes.")
     args = parser.parse_args(argv)
     banner()
     if args.decode:

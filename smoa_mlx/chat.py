@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sampler = sampler_from_args(args)
-    model, tokenizer = load_model(args.model, args.adapter_path)
+    model, tokenizer = load_model(args.model, args.adapter_path, inference=True)
     session = ChatSession(model, tokenizer, args.system_prompt, not args.ignore_chat_template,
                           args.max_tokens, sampler)
     print(f"[chat] {HELP}", file=sys.stderr)

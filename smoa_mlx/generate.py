@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sampler = sampler_from_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt.replace("\\n", "\n")
-    model, tokenizer = load_model(args.model, args.adapter_path)
+    model, tokenizer = load_model(args.model, args.adapter_path, inference=True)
     tokens = prompt_tokens(tokenizer, make_messages(prompt, args.system_prompt), not args.ignore_chat_template)
     response = None
     for response in PromptCache(model).stream(tokenizer, tokens, args.max_tokens, sampler):

@@ -197,12 +197,19 @@ def _tied(arrays: list[mx.array], after: mx.array) -> list[mx.array]:
     return mx.depends(list(arrays), [after])
 
 
-def _folded(base, x, a_o, b_o, scale) -> mx.array:
-    """Base output plus update from one matmul of W0 with `[x, A_o[r] ⊙ x for r]`."""
-    rows = mx.concatenate([x[..., None, :], x[..., None, :] * a_o.astype(x.dtype)], axis=-2)
-    y = _apply_weight(base, rows)
-    update = (y[..., 1:, :] * (scale * b_o.T).astype(y.dtype)).sum(axis=-2)
-    return _add_bias(base, y[..., 0, :] + update)
+def _folded_factors(a_list, b_list, blocks: Blocks, scale) -> tuple[mx.array, mx.array]:
+    """`[1; A_o]` (1 + R, d_in) and `[1; scale * B_o^T]` (1 + R, d_out): the folded path's
+    factors with a row of ones for the base's own row, so that it needs no concatenation."""
+    a_o, b_o = _embedded(a_list, b_list, blocks)
+    return (mx.concatenate([mx.ones((1, a_o.shape[1]), a_o.dtype), a_o]),
+            mx.concatenate([mx.ones((1, b_o.shape[0]), b_o.dtype), (scale * b_o).T]))
+
+
+def _folded(base, x, a_ext, b_ext) -> mx.array:
+    """Base output plus update from one matmul of W0 with `[x, A_o[r] ⊙ x for r]`, i.e.
+    `x[None] * a_ext`; four operations (multiply, matmul, multiply, sum) plus the bias."""
+    y = _apply_weight(base, x[..., None, :] * a_ext.astype(x.dtype))
+    return _add_bias(base, (y * b_ext.astype(y.dtype)).sum(axis=-2))
 
 
 def _merged_matmul(base, x, a_list, b_list, blocks: Blocks, scale):
@@ -326,10 +333,36 @@ class SMoALinear(nn.Module):
             mx.array(np.argsort(row_order).astype(np.uint32)),
             mx.array(np.argsort(col_order).astype(np.uint32)),
         )
+        self._merged = self._prepared = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (sum(self.out_sizes), sum(self.in_sizes))
+
+    def prepare(self) -> None:
+        """For inference: compute once what every call would rebuild, until `unprepare`
+        (A and B must not change meanwhile). A float base gets `W0 + ΔW`, so each call is
+        the base's one plain matmul; a quantized base, whose merged weight cannot be
+        re-quantized without losing the update (fuse_check), gets the folded path's
+        factors. The base layer is untouched, so `unprepare` is exact. Already prepared:
+        nothing to do."""
+        if self._merged is not None or self._prepared is not None:
+            return
+        if isinstance(self.linear, nn.Linear):
+            w0 = self.linear.weight
+            self._merged = (w0 + self.delta_weight()).astype(w0.dtype)
+            mx.eval(self._merged)
+        else:
+            self._prepared = self._folded_factors()
+            mx.eval(self._prepared)
+
+    def unprepare(self) -> None:
+        """Back to computing from A, B and the base on every call (frees `prepare`'s arrays)."""
+        self._merged = self._prepared = None
+
+    def _folded_factors(self) -> tuple[mx.array, mx.array]:
+        a, b, blocks = self._factors()
+        return _folded_factors(a, b, blocks, self.scale)
 
     def _factors(self) -> tuple[list, list, Blocks]:
         """(A list, B list, where the blocks sit) for the evaluations above.
@@ -356,10 +389,12 @@ class SMoALinear(nn.Module):
         return "merged"
 
     def __call__(self, x: mx.array) -> mx.array:
-        a, b, blocks = self._factors()
+        if self._merged is not None:
+            return _add_bias(self.linear, x @ self._merged.T)
         path = self._path(x)
         if path == "folded":
-            return _folded(self.linear, x, *_embedded(a, b, blocks), self.scale)
+            return _folded(self.linear, x, *(self._prepared or self._folded_factors()))
+        a, b, blocks = self._factors()
         if path == "merged":
             return _add_bias(self.linear, _merged_matmul(self.linear, x, a, b, blocks, self.scale))
         x_in = x if self.dropout is None else self.dropout(x)

@@ -118,7 +118,13 @@ def load_base(path_or_repo, adapter_path=None, **kwargs) -> Base:
     return Base(model, tokenizer, config, path)
 
 
-def load_model(path_or_repo, adapter_path=None):
-    """(model, tokenizer): what train, generate, chat, serve and evaluate load."""
+def load_model(path_or_repo, adapter_path=None, inference: bool = False):
+    """(model, tokenizer): what train, generate, chat, serve and evaluate load. With
+    `inference`, the adapter is prepared to decode at the base's speed and can no
+    longer be trained (`inference.prepare_for_inference`)."""
     base = load_base(path_or_repo, adapter_path)
+    if inference and adapter_path is not None:
+        from .inference import prepare_for_inference
+
+        prepare_for_inference(base.model)
     return base.model, base.tokenizer

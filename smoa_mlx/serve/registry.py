@@ -1,6 +1,9 @@
 """One base model, many adapters: each adapter's layers are built once on the bare base
 and swapped in and out of the model in place (no reload); names resolve only inside the
-adapter directory."""
+adapter directory. The active adapter is prepared for inference (`inference`): with one
+adapter and no adapter directory its float layers are fused for good (no second copy of
+the base), otherwise the base is kept and activating an adapter merges its layers again
+(docs/PERFORMANCE.md measures that switch)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from mlx.utils import tree_unflatten
 from ..adapters import CONFIG, load_adapter
 from ..errors import MissingFileError
 from ..generate import PromptCache
+from ..inference import prepare, prepare_for_inference, unprepare
 from .schema import APIError, bad_request
 
 
@@ -82,9 +86,12 @@ class Adapters:
                 raise APIError(400, f"cannot load adapter '{variant.name}': {msg}",
                                param="model") from None
             self.model.eval()
+            prepare_for_inference(self.model, keep_base=self.root is not None)
             now = dict(self.model.named_modules())
             changed = [p for p, m in self.base.items() if now.get(p) is not m]
             variant.modules = {p: now[p] for p in changed if _parent(p) not in changed}
+            if self.root is None:  # never switched away from: let the replaced base layers go
+                self.base = {p: m for p, m in self.base.items() if p not in changed}
         variant.cache = PromptCache(self.model)
         variant.load_seconds = time.perf_counter() - start
         self.variants[variant.name] = self.active = variant
@@ -92,6 +99,7 @@ class Adapters:
 
     def _restore(self) -> None:
         if self.active is not None and self.active.modules:
+            unprepare(self.active.modules.values())
             self.model.update_modules(tree_unflatten([(p, self.base[p]) for p in self.active.modules]))
         self.active = None
 
@@ -111,6 +119,7 @@ class Adapters:
         self._restore()
         if variant.modules:
             self.model.update_modules(tree_unflatten(list(variant.modules.items())))
+            prepare(variant.modules.values())
         self.active = variant
         self.switch_seconds = time.perf_counter() - start
 

@@ -1,0 +1,186 @@
+"""Adapters prepared for inference (`smoa_mlx.inference`): the same outputs as the unfused
+layers (a float64 NumPy reference per layer; the unprepared model per model), the base
+restored exactly, training untouched, and serve's switching."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.utils import dequantize_model
+
+import smoa_mlx
+from smoa_mlx.inference import prepare_for_inference
+from smoa_mlx.layer import SMoALinear, base_weight
+from smoa_mlx.loader import load_model
+from smoa_mlx.patch import smoa_layers
+from smoa_mlx.plan import make_plan
+from smoa_mlx.serve import Adapters
+
+
+def reference(layer: SMoALinear, x) -> np.ndarray:
+    """x (W0 + ΔW)^T + bias in float64, ΔW built block by block from A, B and the orders."""
+    w0 = np.array(base_weight(layer.linear).astype(mx.float32), np.float64)
+    delta = np.zeros_like(w0)
+    rows = np.array_split(np.array(layer.row_order), layer.num_blocks)
+    cols = np.array_split(np.array(layer.col_order), layer.num_blocks)
+    for a, b, r, c in zip(layer.smoa_a, layer.smoa_b, rows, cols):
+        ba = np.array(b, np.float64) @ np.array(a, np.float64)
+        delta[np.ix_(r, c)] = layer.scale * ba * w0[np.ix_(r, c)]
+    y = np.array(x, np.float64) @ (w0 + delta).T
+    return y + np.array(layer.linear.bias, np.float64) if "bias" in layer.linear else y
+
+
+def random_layer(base, seed=0, num_blocks=2):
+    mx.random.seed(seed)
+    layer = SMoALinear.from_base(base, rank=4, num_blocks=num_blocks, planner=make_plan)
+    layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    layer.eval()
+    return layer
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 3])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_prepared_layer_matches_float64_reference(num_blocks, quantized):
+    base = nn.Linear(64, 96, bias=True)
+    if quantized:
+        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4)
+    layer = random_layer(base, num_blocks=num_blocks)
+    w0 = np.array(base_weight(layer.linear))
+    for rows in (1, 3, 40):  # folded (decoding) and merged (prefill) row counts
+        x = mx.random.normal((rows, 64))
+        before = np.array(layer(x))
+        layer.prepare()
+        after = np.array(layer(x))
+        ref = reference(layer, x)
+        assert np.abs(after - ref).max() <= 1e-5 * np.abs(ref).max()
+        layer.unprepare()
+        assert np.array_equal(np.array(layer(x)), before)  # unprepared: bit for bit as before
+    assert np.array_equal(np.array(base_weight(layer.linear)), w0)  # the base untouched
+    assert layer._merged is None and layer._prepared is None
+
+
+def test_prepared_arrays_are_not_adapter_parameters():
+    layer = random_layer(nn.Linear(32, 32))
+    names = dict(layer.parameters())
+    layer.prepare()
+    assert dict(layer.parameters()).keys() == names.keys()
+    assert "_merged" not in str(layer.trainable_parameters())
+
+
+def _logits(model, tokens):
+    return np.array(model(mx.array([tokens])).astype(mx.float32), np.float64)
+
+
+def _greedy(model, tokens, n):
+    from mlx_lm.generate import generate_step
+
+    return [int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(tokens), model, max_tokens=n)), range(n))]
+
+
+def test_float_model_merged_keeps_no_copy_and_matches(tiny_model_dir, make_adapter, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a")
+    tokens = list(range(3, 40))
+    reference_model, _ = load_model(tiny_model_dir, adapter)  # training's model: unmerged
+    assert smoa_layers(reference_model)
+    ref = _logits(reference_model, tokens)
+    model, _ = load_model(tiny_model_dir, adapter, inference=True)
+    assert not smoa_layers(model)  # float layers fused: W0 is gone, no second copy
+    got = _logits(model, tokens)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    bare = _logits(smoa_mlx.load(str(tiny_model_dir))[0], tokens)
+    assert np.abs(ref - bare).max() > 1e-2  # the adapter does change the logits
+    assert _greedy(model, tokens[:5], 8) == _greedy(reference_model, tokens[:5], 8)
+
+
+def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapter, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a", b=0.05)
+    model, _ = smoa_mlx.load(str(tiny_model_dir))
+    nn.quantize(model, group_size=32, bits=4)
+    smoa_mlx.load_adapter(model, adapter)
+    model.eval()
+    tokens = list(range(3, 12))
+    ref_tokens, ref = _greedy(model, tokens, 12), _logits(model, tokens)
+    assert prepare_for_inference(model) == len(smoa_layers(model))  # quantized: kept, prepared
+    assert all(layer._prepared is not None for layer in smoa_layers(model).values())
+    assert _greedy(model, tokens, 12) == ref_tokens
+    assert np.abs(_logits(model, tokens) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _fresh(path, quantized: bool, adapter=None):
+    model, _ = smoa_mlx.load(str(path))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    if adapter is not None:
+        smoa_mlx.load_adapter(model, adapter)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter, tmp_path, quantized):
+    root = tmp_path / "dir"
+    for name, seed in (("a", 1), ("b", 2)):
+        make_adapter(tiny_model_dir, root / name, seed=seed)
+    tokens = list(range(3, 30))
+    expected = {n: _logits(_fresh(tiny_model_dir, quantized, root / n), tokens) for n in ("a", "b")}
+    model = _fresh(tiny_model_dir, quantized)
+    bare = _logits(model, tokens)
+    adapters = Adapters(model, "base", None, root)
+    tol = 1e-4 if quantized else 1e-5
+    for name in ("a", "b", "a", "base", "b", "base"):
+        adapters.activate(adapters.resolve(name))
+        got = _logits(model, tokens)
+        if name == "base":
+            assert np.array_equal(got, bare)  # restored bit for bit
+            assert not any(layer._merged is not None for v in adapters.variants.values()
+                           for layer in smoa_layers_of(v))  # no merged copy left behind
+        else:
+            assert np.abs(got - expected[name]).max() <= tol * np.abs(expected[name]).max()
+            active = smoa_layers_of(adapters.active)
+            assert active and all((layer._prepared if quantized else layer._merged) is not None
+                                  for layer in active)
+
+
+def smoa_layers_of(variant):
+    return [m for m in variant.modules.values() if isinstance(m, SMoALinear)]
+
+
+def test_serve_single_adapter_fuses_and_lets_the_base_go(tiny_model_dir, make_adapter, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a")
+    tokens = list(range(3, 30))
+    expected = _logits(load_model(tiny_model_dir, adapter)[0], tokens)
+    model, _ = smoa_mlx.load(str(tiny_model_dir))
+    adapters = Adapters(model, "m", adapter)
+    assert not smoa_layers(model)
+    assert not set(adapters.default.modules) & set(adapters.base)  # replaced base layers not kept
+    got = _logits(model, tokens)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _smollm2_adapted(path, dequantize: bool):
+    model, tokenizer = smoa_mlx.load(str(path))
+    if dequantize:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    smoa_mlx.apply_smoa(model, rank=8, num_blocks=2, alpha=8.0)
+    mx.random.seed(0)
+    for layer in smoa_layers(model).values():
+        layer.smoa_b = [0.01 * mx.random.normal(b.shape) for b in layer.smoa_b]
+    model.eval()
+    return model, list(tokenizer.encode("The capital of France is"))
+
+
+def test_smollm2_q4_prepared_same_greedy_tokens(smollm2_gguf):
+    model, tokens = _smollm2_adapted(smollm2_gguf, dequantize=False)
+    ref = _greedy(model, tokens, 8)
+    prepare_for_inference(model)
+    assert _greedy(model, tokens, 8) == ref
+
+
+def test_smollm2_float_merged_matches_unfused(smollm2_gguf):
+    model, tokens = _smollm2_adapted(smollm2_gguf, dequantize=True)
+    ref, ref_tokens = _logits(model, tokens), _greedy(model, tokens, 8)
+    prepare_for_inference(model)
+    got = _logits(model, tokens)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert _greedy(model, tokens, 8) == ref_tokens
