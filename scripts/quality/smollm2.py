@@ -7,23 +7,27 @@ the other seeds at the best rate and at the default rate), with its own sizes.
 
 Sizing (measured before the study was fixed; the full study must fit a few hours on this
 2-core machine). One update of 4 x ~150 tokens took 9-16 s for LoRA r=8 and 12-17 s for
-SMoA r=8 K=2 with fast BLAS while three other jobs loaded the 2 cores (load ~6);
-unloaded the reference was ~3 s for 4 x 220 tokens, so ~2 s for the study's ~150-token
-examples. Scoring one commonsense item (prompt ~100 tokens, candidates in one batch)
-costs about one tenth of an update. So, with 2 worker processes (~1.25 s per update
-of throughput unloaded):
+SMoA r=8 K=2 (fast BLAS, side by side in one process) while three other helpers loaded
+the 2 cores (load ~6); unloaded the reference is ~3 s for 4 x 220 tokens, so ~2 s for
+this study's ~100-150-token examples. Counted in FLOPs (107M non-embedding weights, a
+49152 x 576 head), scoring one commonsense item (~100-token prompt) costs ~0.09 of an
+update and the 32-example validation ~2.5 updates; in the first attempt (100 items per
+task) the base model's 700 items took over 15 min under that load, so:
 - batch 4, at most 256 tokens (every commonsense item fits; gsm8k keeps the problems that
   fit, as in the stories study), alpha 8, q/k/v/up/down in all 30 layers;
 - lengths 40 and 120 updates; the longer one on commonsense only (wikisql and gsm8k at
   40): 5 methods x (3 datasets x ~7 runs x 40 + 1 dataset x ~7 runs x 120) ~ 8,400
-  updates ~ 3 h, plus ~0.7 h of scoring;
+  updates, plus ~50 measured commonsense runs x ~50 updates' worth of scoring and
+  held-out loss, plus validation at 0, 40, 80, 120: ~11,000 update-equivalents, ~4 h
+  with 2 worker processes on an unloaded machine (several times that under load);
 - rates: three ~x3 apart per method (LoRA/DoRA 1e-3/3e-3/1e-2, around the issue's
   wikisql probe where LoRA's best was 3e-3; SMoA/HiRA 3e-3/1e-2/3e-2, around SMoA's 1e-2),
   at most one more rung; the default rates too (SMoA's, 1e-2 at 576, is a grid point);
 - 3 seeds at the best rate (and at the default rate where it lies inside the grid);
-- accuracy on the first 100 test items of each of 7 tasks (binomial standard error
-  <= 0.05 per task, <= 0.025 on the 4-task in-domain mean); validation on 32 held-back
-  training examples every 20 updates (the rate choice), held-out loss on the test items.
+- accuracy on the first 50 test items of each of 7 tasks (binomial standard error
+  <= 0.071 per task, <= 0.035 on the 4-task in-domain mean of 200 items; paired method
+  differences on the same items vary less); validation on 32 held-back training
+  examples (the rate choice), held-out loss on the 200 in-domain test items.
 Finished runs are appended to `records/smollm2.jsonl` (in the repository) and read
 back, so an interrupted study, even in a fresh checkout, loses only the runs in flight.
 """
@@ -37,8 +41,8 @@ from pathlib import Path
 
 from .datasets import Dataset, _fits, _write_jsonl
 
-ALPHA, BATCH, MAX_SEQ, EVAL_EVERY = 8.0, 4, 256, 20
-VALID_SIZE, TRAIN_PER_TASK, TEST_ITEMS = 32, 500, 100
+ALPHA, BATCH, MAX_SEQ, EVAL_EVERY = 8.0, 4, 256, 40
+VALID_SIZE, TRAIN_PER_TASK, TEST_ITEMS = 32, 500, 50
 SEEDS = (0, 1, 2)
 ITERS = (40, 120)
 LONG_DATASETS = ("commonsense",)  # the datasets also run at the longer length
