@@ -228,6 +228,12 @@ def write_section(path: Path, record: Path, datasets, model_path: Path) -> None:
             f"{', '.join(proto.TRANSFER_TASKS)} (not trained on). Binomial SE of one task's accuracy "
             f"<= {0.5 / math.sqrt(proto.TEST_ITEMS):.3f}; of the in-domain mean <= "
             f"{0.5 / math.sqrt(proto.TEST_ITEMS * len(proto.TRAIN_TASKS)):.3f}.",
+            "- SMoA's and HiRA's default rate is the trainer's, 3e-2 x sqrt(64 / hidden) = 1e-2 here "
+            "(`lr_scale.default_rate`). It replaced 3e-2 x 64 / hidden (3.3e-3 here) on this data, from "
+            "issue 23 (wikisql, 100 updates of 4, seed 1, held-out NLL; base 3.338): SMoA r=8 K=2 "
+            "1.805 at 3.3e-3, **1.708 at 1e-2**, 1.903 at 3e-2; LoRA r=8 1.732 at 3e-3 (its best), "
+            "1.744 at 1e-2; with stories260K's best 3e-2 at hidden 64 (3 datasets, 2 lengths, 3 "
+            "seeds) the two widths give 1/sqrt(hidden). The rate sweeps below test it.",
             "- Datasets: " + " ".join(f"**{ds.name}** ({', '.join(f'{v} {k}' for k, v in ds.sizes.items())})"
                                       + (f": {ds.about}." if ds.name == "commonsense" else ".")
                                       for ds in datasets), ""]
