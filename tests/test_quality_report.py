@@ -120,3 +120,9 @@ def test_the_smollm2_record_resumes_and_renders_a_partial_section(tiny_model_dir
     assert "| commonsense | base model | 0 | | | 4.000 | | 0.250 | 0.250 | | |" in text
     report_smollm2.write_section(out, path, [ds], tiny_model_dir)  # replaced, not appended
     assert out.read_text() == text
+    # --quick: retrained runs against the record's runs of the same key.
+    first = dict(entries[1])
+    key = rec.key(tiny_model_dir, ds, runs.run_args(tiny_model_dir, ds, lora, 3e-3, 0, 40, tmp_path, smollm2))
+    assert report_smollm2.check_quick({"runs": [{**first, "key": key}]}, path)
+    assert not report_smollm2.check_quick({"runs": [{**first, "key": key, "test_loss": 1.7}]}, path)
+    assert not report_smollm2.check_quick({"runs": [{**first, "key": "unrecorded"}]}, path)  # nothing compared
