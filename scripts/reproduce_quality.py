@@ -184,11 +184,15 @@ def run_smollm2(args) -> int:
         print(f"SmolLM2 study: {', '.join(labels)} on {', '.join(names)} at {iters} steps; "
               f"record {smollm2.RECORD}; a line per run (recorded runs are read back):", flush=True)
         results = run_all(model_path, datasets, iters, labels, seeds, args.quick, work, args.jobs, smollm2)
-    if args.quick:
-        return 0 if check_quick(results, smollm2.RECORD) else 1
-    write_section(REPO / "docs" / "RESULTS.md", smollm2.RECORD, datasets, model_path)
-    print(f"Wrote the SmolLM2 section of {REPO / 'docs' / 'RESULTS.md'} from {smollm2.RECORD}")
-    return 0
+    try:
+        if args.quick:
+            return 0 if check_quick(results, smollm2.RECORD) else 1
+        write_section(REPO / "docs" / "RESULTS.md", smollm2.RECORD, datasets, model_path)
+        print(f"Wrote the SmolLM2 section of {REPO / 'docs' / 'RESULTS.md'} from {smollm2.RECORD}")
+        return 0
+    finally:
+        if not args.work_dir:  # a temporary one: every finished run is in the record
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
