@@ -239,7 +239,7 @@ def write_section(path: Path, record: Path, datasets, model_path: Path) -> None:
                                       for ds in datasets), ""]
     for it in proto.ITERS:
         its = [n for n in names if it in proto.lengths(n)]
-        if not any(k[0] == it for k in results["best"]):
+        if not any(k[0] == it for k in results["best"]) and (it != proto.ITERS[0] or not base):
             body += [f"### {it} steps", "", "No finished runs yet.", ""]
             continue
         body += [f"### {it} steps", "", main_table(results, it, its), ""]
