@@ -2,6 +2,7 @@
 
   eval "$(../shared/tools/fast-blas.sh)"    # Linux: MLX's bundled BLAS is ~30x slower
   python scripts/bench_train.py
+  python scripts/bench_train.py --model ~/.cache/smoa-fixtures/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Models: a generated float32 Llama with Llama-3.2-1B layer shapes (hidden 2048, 32/8
 heads, MLP 8192; 4 layers, small vocabulary) and the real stories260K-hf. Each
@@ -13,6 +14,9 @@ variants live in one process and run interleaved; times are medians.
 Memory per variant = what building it left resident (weights, adapter, optimizer
 state) + the step's transient peak (MLX peak minus active memory before the step),
 so the other variants alive in the process do not count.
+`--model` takes any model `smoa_mlx.load` reads (a GGUF too) instead: a quantized one is
+benchmarked de-quantized to float32 and as it is (QLoRA-style: both adapters on the
+quantized weights), and the SUMMARY covers both.
 The last line is the SUMMARY for SMoA r=8 K=2 on the 1B-shaped model.
 """
 
@@ -27,7 +31,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load
+from mlx_lm.utils import dequantize_model
+
+import smoa_mlx
 
 from benchlib import STORIES, banner, llama_1b_shaped, load as load_avg, median, table, time_interleaved
 from smoa_mlx.patch import DEFAULT_TARGETS, apply_smoa
@@ -42,9 +48,17 @@ def batch(vocab: int, shape) -> tuple[mx.array, mx.array, mx.array]:
     return tokens[:, :-1], tokens[:, 1:], mx.ones(shape)
 
 
-def build(path: Path, variant: str, data):
+def load(path, to_float: bool = False):
+    model, _ = smoa_mlx.load(str(path))
+    if to_float:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    return model
+
+
+def build(path: Path, variant: str, data, to_float: bool = False):
     """The variant's model and a zero-argument step; planning time is returned too."""
-    model, _ = load(str(path))
+    model = load(path, to_float)
     model.freeze()
     tic = time.perf_counter()
     if variant.startswith("frozen"):
@@ -70,10 +84,10 @@ def build(path: Path, variant: str, data):
     return model, lambda: [step(*data, None, True)[0], state], planned
 
 
-def bench_model(name: str, path: Path, repeats: int, seq: tuple[int, int]) -> dict:
+def bench_model(name: str, path: Path, repeats: int, seq: tuple[int, int], to_float: bool = False) -> dict:
     print(f"== {name}: {path}")
     mx.random.seed(0)
-    model, _ = load(str(path))
+    model = load(path)
     data = batch(model.args.vocab_size, seq)
     mx.eval(*data)
     del model
@@ -81,7 +95,7 @@ def bench_model(name: str, path: Path, repeats: int, seq: tuple[int, int]) -> di
     for v in VARIANTS:
         gc.collect()
         before = mx.get_active_memory()
-        model, step, plan_time[v] = build(path, v, data)
+        model, step, plan_time[v] = build(path, v, data, to_float)
         mx.eval(step())  # compiles, and creates the optimizer state
         gc.collect()
         resident[v] = mx.get_active_memory() - before
@@ -101,6 +115,8 @@ def bench_model(name: str, path: Path, repeats: int, seq: tuple[int, int]) -> di
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="A model smoa_mlx.load reads (directory or .gguf); default: the 1B-shaped one.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed steps per variant.")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the 1B-shaped model.")
     parser.add_argument("--seq", type=int, nargs=2, default=[4, 256], help="Batch size and length.")
@@ -108,17 +124,26 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     banner()
     seq = tuple(args.seq)
+    if args.model:
+        _, _, config = smoa_mlx.load(args.model, return_config=True)
+        runs = {"float_": bench_model("float32", args.model, args.repeats, seq, to_float="quantization" in config)}
+        if "quantization" in config:
+            runs["quant_"] = bench_model("quantized", args.model, args.repeats, seq)
+        print("SUMMARY " + " ".join(summary(prefix, r) for prefix, r in runs.items()))
+        return
     if STORIES.exists():
         bench_model("stories260K-hf", STORIES, args.repeats, seq)
     else:
         print(f"(skipping stories260K-hf: {STORIES} is absent)\n")
     big = bench_model("Llama-3.2-1B-shaped", llama_1b_shaped(Path(args.work_dir), args.layers), args.repeats, seq)
-    s, m = big["step"], big["mem"]
-    print(
-        f"SUMMARY smoa_vs_lora_step={s['SMoA r=8 K=2'] / s['LoRA r=8']:.3f} "
-        f"smoa_vs_lora_mem={m['SMoA r=8 K=2'] / m['LoRA r=8']:.3f} "
-        f"smoa_vs_floor_step={s['SMoA r=8 K=2'] / s['frozen base (floor)']:.3f}"
-    )
+    print("SUMMARY " + summary("", big))
+
+
+def summary(prefix: str, run: dict) -> str:
+    s, m = run["step"], run["mem"]
+    return (f"{prefix}smoa_vs_lora_step={s['SMoA r=8 K=2'] / s['LoRA r=8']:.3f} "
+            f"{prefix}smoa_vs_lora_mem={m['SMoA r=8 K=2'] / m['LoRA r=8']:.3f} "
+            f"{prefix}smoa_vs_floor_step={s['SMoA r=8 K=2'] / s['frozen base (floor)']:.3f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,15 @@ the same runs as in the full sweep, so its numbers must equal those of the recor
 embedded in docs/RESULTS.md; it checks that.
 
 matplotlib is needed for the plot (a script-only dependency): `pip install -e ".[scripts]"`.
+
+`--study smollm2` runs the SmolLM2-135M-Instruct study instead (scripts/quality/smollm2.py
+has the protocol and its sizing): a float32 copy of the model is needed (`--model`,
+default /work/cache/smollm2-f32; how to make one: scripts/quality/smollm2.py). Every
+finished run is appended to scripts/quality/records/smollm2.jsonl and read back, so the
+study resumes where any earlier session stopped (commit that file); the SmolLM2 section
+of docs/RESULTS.md is rendered from it (`--report-only` renders without training).
+`--study smollm2 --quick` retrains the recorded 40-step commonsense runs of LoRA r=8 and
+SMoA r=8 K=2 at their default rates (seed 0) and checks them against the record.
 """
 
 from __future__ import annotations
@@ -28,22 +37,30 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality.datasets import prepare
-from quality.protocol import DATASETS, DEFAULT_DATASETS, DEFAULT_MODEL, EVAL_EVERY, ITERS, METHODS, REPO, SEEDS
-from quality.report import check_against, machine, main_table, plot, require_matplotlib, write_report
-from quality.runs import run_all
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's smoa_mlx, in workers too
+from quality import protocol, smollm2  # noqa: E402
+from quality.datasets import prepare  # noqa: E402
+from quality.protocol import DATASETS, DEFAULT_DATASETS, DEFAULT_MODEL, EVAL_EVERY, ITERS, METHODS, REPO, SEEDS  # noqa: E402
+from quality.report import check_against, machine, main_table, plot, require_matplotlib, write_report  # noqa: E402
+from quality.runs import run_all  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", choices=("stories260K", "smollm2"), default="stories260K",
+                   help="Which study (default stories260K; smollm2: issue 23's).")
+    p.add_argument("--report-only", action="store_true", help="smollm2: render the SmolLM2 "
+                   "section of docs/RESULTS.md from the record, no training.")
     p.add_argument("--quick", action="store_true", help="Smoke run: wikisql, 50 steps, seed 0, "
                    "each method's default rate; checks docs/RESULTS.md's record.")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Base model (default stories260K-hf).")
+    p.add_argument("--model", default=None, help="Base model (default stories260K-hf; "
+                   f"smollm2: {smollm2.DEFAULT_MODEL}).")
     p.add_argument("--datasets-dir", default=str(DEFAULT_DATASETS), help="../shared/data/datasets")
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=None,
+    p.add_argument("--datasets", nargs="+", choices=sorted(set(DATASETS) | set(smollm2.DATASETS)), default=None,
                    help="Datasets to run (default: all; wikisql with --quick).")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="LABEL",
+    p.add_argument("--methods", nargs="+", choices=list({**METHODS, **smollm2.METHODS}), default=None,
+                   metavar="LABEL",
                    help=f"Methods to run (default all: {', '.join(METHODS)}).")
     p.add_argument("--iters", type=int, nargs="+", default=None, help="Training lengths in steps "
                    f"(default {' '.join(map(str, ITERS))}; 50 with --quick).")
@@ -79,6 +96,9 @@ def load_results(path: Path) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.study == "smollm2":
+        return run_smollm2(args)
+    args.model = args.model or str(DEFAULT_MODEL)
     plt = require_matplotlib()
     from mlx_lm.utils import load
 
@@ -112,7 +132,7 @@ def main(argv=None) -> int:
             labels = args.methods or list(METHODS)
             print(f"{len(iters) * len(datasets) * len(labels)} (steps, dataset, method) sweeps in "
                   f"{args.jobs} process(es); a line per finished run:", flush=True)
-            results = run_all(model_path, datasets, iters, labels, seeds, quick, work, args.jobs)
+            results = run_all(model_path, datasets, iters, labels, seeds, quick, work, args.jobs, protocol)
             meta = {
                 "quick": quick, "iters": iters, "seeds": seeds, "datasets": names, "methods": labels,
                 "machine": machine(), "model_name": model_path.name, "jobs": args.jobs,
@@ -139,6 +159,40 @@ def main(argv=None) -> int:
     if quick and not saved:
         return 0 if check_against(REPO / "docs" / "RESULTS.md", results) else 1
     return 0
+
+
+def run_smollm2(args) -> int:
+    """The SmolLM2 study: every run not yet in the record, then the report from the record."""
+    from mlx_lm.utils import load
+
+    from quality.report_smollm2 import check_quick, write_section
+
+    model_path, src = Path(args.model or smollm2.DEFAULT_MODEL), Path(args.datasets_dir)
+    for p in (model_path, src):
+        if not p.exists():
+            raise SystemExit(f"error: {p} not found (scripts/quality/smollm2.py says how to make "
+                             "the float32 model)")
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="smoa_smollm2_"))
+    names = args.datasets or ([smollm2.QUICK["dataset"]] if args.quick else list(smollm2.DATASETS))
+    labels = args.methods or list(smollm2.QUICK["methods"] if args.quick else smollm2.METHODS)
+    iters = args.iters or ([smollm2.QUICK["iters"]] if args.quick else list(smollm2.ITERS))
+    _, tokenizer = load(str(model_path))
+    datasets = [smollm2.prepare(n, src, work / "data", tokenizer) for n in names]
+    results = None
+    if not args.report_only:
+        seeds = smollm2.SEEDS[:1] if args.quick else tuple(range(args.seeds))
+        print(f"SmolLM2 study: {', '.join(labels)} on {', '.join(names)} at {iters} steps; "
+              f"record {smollm2.RECORD}; a line per run (recorded runs are read back):", flush=True)
+        results = run_all(model_path, datasets, iters, labels, seeds, args.quick, work, args.jobs, smollm2)
+    try:
+        if args.quick:
+            return 0 if check_quick(results, smollm2.RECORD) else 1
+        write_section(REPO / "docs" / "RESULTS.md", smollm2.RECORD, datasets, model_path)
+        print(f"Wrote the SmolLM2 section of {REPO / 'docs' / 'RESULTS.md'} from {smollm2.RECORD}")
+        return 0
+    finally:
+        if not args.work_dir:  # a temporary one: every finished run is in the record
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .adapters import CONFIG, WEIGHTS, adapter_tensors
 from .errors import AdapterError, ConfigError, MissingFileError
 from .files import atomic_write, load_safetensors, save_safetensors, write_json
 from .layouts.tensors import check_tensors
+from .options import MLX_LM_METHODS
 
 STATE = "training_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -104,8 +105,8 @@ class Checkpoint:
 
 
 def model_adapter(model: nn.Module, method: str) -> dict[str, mx.array]:
-    """The tensors an adapter file holds: SMoA's blocks and orders, or LoRA's trainables."""
-    if method == "lora":
+    """The tensors an adapter file holds: SMoA's blocks and orders, or LoRA's/DoRA's trainables."""
+    if method in MLX_LM_METHODS:
         return dict(tree_flatten(model.trainable_parameters()))
     return adapter_tensors(model)
 

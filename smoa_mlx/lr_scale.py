@@ -16,6 +16,8 @@ M_k instead (measured: the same best loss), `none` is plain Adam.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map, tree_map_with_path
@@ -26,8 +28,10 @@ from .patch import smoa_layers
 
 MODES = ("anchor", "row", "none")
 # The default rate with the anchor scale: the best rate measured on stories260K (hidden
-# 64, 200 steps; docs/RESULTS.md), carried to other widths as 1/hidden (Adam's rate for
-# a hidden matrix in muP), which gives ~1e-3, the SMoA authors' rate, at hidden 2048.
+# 64, 50 and 200 steps, 3 datasets; docs/RESULTS.md), carried to other widths as
+# 1/sqrt(hidden). The best measured on SmolLM2-135M (hidden 576, wikisql, 100 updates;
+# issue 23) was 1e-2 of 3.3e-3/1e-2/3e-2, 3x below 64's, not the 9x of a 1/hidden rule
+# (its 3.3e-3 cost 5.7%); 1/sqrt(hidden) gives both (docs/RESULTS.md, SmolLM2 section).
 REFERENCE_RATE, REFERENCE_WIDTH = 3e-2, 64
 
 
@@ -37,7 +41,7 @@ def default_rate(model) -> float:
     if not isinstance(hidden, int) or hidden < 1:
         raise ConfigError(f"{type(model).__module__}: the model config has no hidden_size to "
                           "set the default learning rate from; pass --learning-rate")
-    return REFERENCE_RATE * REFERENCE_WIDTH / hidden
+    return float(f"{REFERENCE_RATE * math.sqrt(REFERENCE_WIDTH / hidden):.2g}")
 
 
 def anchor_rms(layer, per_row: bool = False) -> list:

@@ -25,13 +25,16 @@ from .modes import DPO_LOSSES
 from .schedule import OPTIMIZERS, SCHEDULES, optimizer_class
 
 REAL_MODEL = "mlx-community/Llama-3.2-1B-Instruct-4bit"
-METHODS = ("smoa", "hira", "lora")
+METHODS = ("smoa", "hira", "lora", "dora")
+# Methods delegated to mlx-lm's own layers (LoRALinear, DoRALinear), saved in its format.
+MLX_LM_METHODS = ("lora", "dora")
 TRAIN_MODES = ("sft", "dpo", "orpo")
 DTYPES = ("float32", "bfloat16", "float16")
 # LoRA's default rate; SMoA's and HiRA's (None) follow the model's width
 # (lr_scale.default_rate, set once the model is loaded; docs/RESULTS.md).
-DEFAULT_LR = {"smoa": None, "hira": None, "lora": 2e-4}
-DEFAULT_BLOCKS = {"smoa": 2, "hira": 1, "lora": None}
+# DoRA takes mlx-lm's LoRA rate (mlx_lm.lora has one default for both).
+DEFAULT_LR = {"smoa": None, "hira": None, "lora": 2e-4, "dora": 2e-4}
+DEFAULT_BLOCKS = {"smoa": 2, "hira": 1, "lora": None, "dora": None}
 
 # Range checks, by name: (test, what the message says).
 _CHECKS = {
@@ -110,14 +113,15 @@ class TrainOptions:
                       "ORPO's lambda).", type=float, check="positive")
     dpo_cpo_loss_type: str = opt("sigmoid", "dpo: sigmoid (the paper's), hinge or ipo "
                                  "(mlx-lm-lora's name).", choices=DPO_LOSSES)
-    method: str = opt("smoa", "smoa, hira (smoa with one block) or lora (mlx-lm's LoRALinear, "
-                      "saved in mlx-lm's format). YAML: fine_tune_type too.", choices=METHODS,
+    method: str = opt("smoa", "smoa, hira (smoa with one block), lora or dora (mlx-lm's "
+                      "LoRALinear / DoRALinear, saved in mlx-lm's format). YAML: fine_tune_type "
+                      "too.", choices=METHODS,
                       structural=True)
     rank: int = opt(8, "Total rank budget r, split over the blocks.", type=int,
                     check="at_least_1", structural=True)
     num_blocks: int = opt(None, "SMoA blocks K.", type=int, structural=True,
                           shown=", ".join(f"{m} {k}" for m, k in DEFAULT_BLOCKS.items() if k))
-    alpha: float = opt(8.0, "scale = alpha / rank, for lora too.", type=float, check="positive",
+    alpha: float = opt(8.0, "scale = alpha / rank, for lora and dora too.", type=float, check="positive",
                        structural=True)
     dropout: float = opt(0.0, "Dropout on the adapter input (above 0, SMoA steps take the "
                          "per-block path, ~1.25x slower).", type=float, check="fraction")
@@ -136,9 +140,9 @@ class TrainOptions:
                                  kind="mapping", cli=False)
     learning_rate: float = opt(None, "Peak learning rate. With --lr-scale anchor SMoA's rate "
                                "means what LoRA's does (docs/RESULTS.md).", type=float,
-                               check="positive", shown="lora 2e-4; smoa/hira 3e-2 * 64 / "
-                               "hidden_size (3e-2, the best measured on stories260K; ~1e-3 at "
-                               "hidden 2048)")
+                               check="positive", shown="lora/dora 2e-4; smoa/hira 3e-2 * "
+                               "sqrt(64 / hidden_size) (the best measured: 3e-2 on stories260K, "
+                               "1e-2 on SmolLM2-135M; 5.3e-3 at hidden 2048)")
     lr_scale: str = opt("anchor", "smoa/hira: multiply the step of each B_k by 1/rms(M_k), so "
                         "the rate means what it means for LoRA on any model; row: by each "
                         "row's rms; none: plain optimizer steps, which want ~1/rms(W0) times "
@@ -255,7 +259,7 @@ def _check(o: TrainOptions) -> None:
         value, check = getattr(o, name), f.metadata["check"]
         if check and value is not None and not _CHECKS[check][0](value):
             raise ConfigError(f"{flag_name(name)} {_CHECKS[check][1]}, got {value}")
-    if o.method != "lora" and o.num_blocks < 1:
+    if o.method not in MLX_LM_METHODS and o.num_blocks < 1:
         raise ConfigError(f"--num-blocks must be at least 1, got {o.num_blocks}")
     if o.method == "hira" and o.num_blocks != 1:
         raise ConfigError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from .errors import AdapterError
@@ -25,18 +26,23 @@ REL_TOL = 0.01
 
 
 def delta_weight(module: nn.Module) -> mx.array:
-    """The dense scaled update (d_out, d_in) of an SMoA or mlx-lm LoRA layer; (E, d_out, d_in)
-    for SMoA on MoE experts."""
+    """The dense scaled update (d_out, d_in) of an SMoA or mlx-lm LoRA/DoRA layer; (E, d_out,
+    d_in) for SMoA on MoE experts."""
     if isinstance(module, (SMoALinear, SMoASwitchLinear)):
         return module.delta_weight()
     if isinstance(module, LoRALinear):  # mlx-lm: y += scale * (x @ lora_a) @ lora_b
         return module.scale * (module.lora_b.T @ module.lora_a.T)
+    if isinstance(module, DoRALinear):  # the rescaled rows change too: merged minus base
+        w = module._dequantized_weight().astype(mx.float32)
+        adapted = w + module.scale * (module.lora_b.T @ module.lora_a.T)
+        return (module.m / mx.linalg.norm(adapted, axis=1))[:, None] * adapted - w
     raise TypeError(f"no update to measure in a {type(module).__name__}")
 
 
 def adapter_deltas(model: nn.Module) -> dict[str, mx.array]:
-    """ΔW of every SMoA / LoRA layer of `model`, by module path (layers in numeric order)."""
-    return {p: delta_weight(m) for p, m in adapter_layers(model, (SMoALinear, SMoASwitchLinear, LoRALinear)).items()}
+    """ΔW of every SMoA / LoRA / DoRA layer of `model`, by module path (layers in numeric order)."""
+    kinds = (SMoALinear, SMoASwitchLinear, LoRALinear, DoRALinear)
+    return {p: delta_weight(m) for p, m in adapter_layers(model, kinds).items()}
 
 
 def singular_values(delta) -> np.ndarray:
@@ -62,7 +68,7 @@ def rank_report(model: nn.Module, rel_tol: float = REL_TOL) -> dict:
     """Per adapted module: its shape, the cap min(d_out, d_in), and both effective ranks."""
     deltas = adapter_deltas(model)
     if not deltas:
-        raise AdapterError("the model has no SMoA or LoRA layers to measure")
+        raise AdapterError("the model has no SMoA, LoRA or DoRA layers to measure")
     modules = {}
     for path, delta in deltas.items():
         delta = np.array(delta.astype(mx.float32))

@@ -31,8 +31,8 @@ from .lr_scale import default_rate, step_scales
 from .modes import SFT, loss_fn, make_mode
 from .config_file import load_config
 from .options import (
-    BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, PER_INVOCATION, REAL_MODEL,
-    STRUCTURAL, build_parser, resolve,
+    BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, MLX_LM_METHODS, PER_INVOCATION,
+    REAL_MODEL, STRUCTURAL, build_parser, resolve,
 )
 from .rank import format_rank_report, rank_report
 from .schedule import build_optimizer, build_schedule
@@ -99,13 +99,13 @@ def _train(args, resume, dist: Distributed) -> dict:
     if args.upcast_base:
         upcast_base(model)
     base = model_digest(model) if dist.size > 1 else None
-    if args.method != "lora" and resume is None:
+    if args.method not in MLX_LM_METHODS and resume is None:
         print(f"Planning the {args.method} blocks of each adapted weight...", flush=True)
     paths, summary = adapt(model, args, resume, progress=dist.main)
     if args.grad_checkpoint:
         grad_checkpoint(model.layers)
     schedule = build_schedule(args.lr_schedule, args.learning_rate, args.iters, args.warmup)
-    scales = None if args.method == "lora" or args.lr_scale == "none" else step_scales(model, args.lr_scale)
+    scales = None if args.method in MLX_LM_METHODS or args.lr_scale == "none" else step_scales(model, args.lr_scale)
     optimizer = build_optimizer(args.optimizer, schedule, args.weight_decay,
                                 args.optimizer_config.get(args.optimizer), scales)
     state = checkpoint.TrainingState()

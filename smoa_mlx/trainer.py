@@ -30,6 +30,7 @@ from .card import write_adapter_card
 from .distributed import Distributed
 from .errors import ConfigError, SMoAError
 from .modes import SFT, Mode, loss_fn
+from .options import MLX_LM_METHODS
 from .patch import apply_smoa, default_keys, layer_relative, smoa_layers, summarize, target_paths
 from .reporting import Reporter, progress
 
@@ -200,11 +201,12 @@ def adapt(model: nn.Module, args, resume: checkpoint.Checkpoint | None,
     paths = target_paths(model, args.targets, args.num_layers)
     if args.targets is None:
         args.targets = default_keys(model)
-    if args.method == "lora":
+    if args.method in MLX_LM_METHODS:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
         model.freeze()
-        linear_to_lora_layers(model, args.num_layers, lora_parameters(paths, args))
+        linear_to_lora_layers(model, args.num_layers, lora_parameters(paths, args),
+                              use_dora=args.method == "dora")
     else:
         orders = None
         if resume is not None:
@@ -236,8 +238,8 @@ def lora_parameters(paths, args) -> dict:
 def adapter_config(model: nn.Module, args, paths) -> dict:
     """The adapter_config.json: the training arguments plus what loaders need."""
     run_args = {k: v for k, v in vars(args).items() if k != "model"}
-    if args.method == "lora":
-        lora = {"fine_tune_type": "lora", "lora_parameters": lora_parameters(paths, args)}
+    if args.method in MLX_LM_METHODS:
+        lora = {"fine_tune_type": args.method, "lora_parameters": lora_parameters(paths, args)}
         return {**run_args, **lora, "model": args.model}
     return smoa_config(model, base_model=args.model, **run_args)
 
@@ -260,7 +262,7 @@ def describe(model: nn.Module, args, summary: dict) -> str:
     quant = {m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
     dtype = str(_float_dtype(model)).split(".")[-1]
     base = f"{'/'.join(map(str, sorted(quant)))}-bit quantized, {dtype}" if quant else dtype
-    blocks = f" K={args.num_blocks}" if args.method != "lora" else ""
+    blocks = f" K={args.num_blocks}" if args.method not in MLX_LM_METHODS else ""
     how = f"r={args.rank}{blocks} alpha={args.alpha}"
     return (
         f"Model {args.model} ({len(model.layers)} layers, {base}); method {args.method} {how} "

@@ -163,7 +163,10 @@ def test_the_default_rate_follows_the_width(tiny_model_dir, text_data, tmp_path)
     from smoa_mlx.lr_scale import default_rate
 
     assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=64))) == 3e-2
-    assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=2048))) == pytest.approx(9.375e-4)
+    # 1/sqrt(width) through the two measured points: 3e-2 at 64 (stories260K), 1e-2 at 576
+    # (SmolLM2-135M); 2 significant digits, so 576 lands on the measured grid rate exactly.
+    assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=576))) == 1e-2
+    assert default_rate(SimpleNamespace(args=SimpleNamespace(hidden_size=2048))) == 5.3e-3
     with pytest.raises(ConfigError, match="pass --learning-rate"):
         default_rate(SimpleNamespace())
     # The tiny model is 64 wide: smoa trains at 3e-2 unless told otherwise; lora keeps 2e-4.

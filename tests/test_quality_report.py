@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from quality import protocol, report, stats  # noqa: E402
+from quality import protocol, report, report_smollm2, runs, smollm2, stats  # noqa: E402
 from quality.datasets import Dataset  # noqa: E402
 
 
@@ -68,3 +68,61 @@ def test_the_report_renders_every_section(results, tiny_model_dir, tmp_path):
     assert not report.check_against(out, {"runs": [unrecorded]})  # nothing compared: no verdict
     quick["runs"][0] = {**quick["runs"][0], "val_loss": 9.0}
     assert not report.check_against(out, quick)
+
+
+def _smollm2_run(method, lr, seed, val, test, acc=0.5, iters=40, dataset="commonsense"):
+    tasks = smollm2.TRAIN_TASKS + smollm2.TRANSFER_TASKS
+    return {**_run(method, lr, seed, val, test, iters), "dataset": dataset,
+            "accuracy": {t: acc for t in tasks} if dataset == "commonsense" else None}
+
+
+def test_the_smollm2_record_resumes_and_renders_a_partial_section(tiny_model_dir, tmp_path):
+    """Runs go to the record file and come back by key (paths aside, last line wins); the
+    SmolLM2 section renders what finished, says PARTIAL, and leaves the rest of the file
+    (and a stories260K re-render keeps the section)."""
+    data = tmp_path / "data" / "commonsense"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text('{"text": "a"}\n')
+    ds = Dataset("commonsense", data, True, "test data", {"train": 1})
+    record = runs.Record(tmp_path / "records" / "r.jsonl")
+    args = runs.run_args(tiny_model_dir, ds, "LoRA r=8", 3e-3, 0, 40, tmp_path / "out", smollm2)
+    key = record.key(tiny_model_dir, ds, args)
+    assert record.get(key) is None
+    moved = runs.run_args(tiny_model_dir, ds, "LoRA r=8", 3e-3, 0, 40, tmp_path / "elsewhere", smollm2)
+    assert record.key(tiny_model_dir, ds, moved) == key  # a fresh work dir finds the same run
+    other = runs.run_args(tiny_model_dir, ds, "LoRA r=8", 3e-3, 1, 40, tmp_path / "out", smollm2)
+    assert record.key(tiny_model_dir, ds, other) != key
+    record.add(key, {"val_loss": 2.0, "adapter": "x"})
+    record.add(key, {"val_loss": 2.0, "test_loss": 2.1})
+    assert record.get(key) == {"val_loss": 2.0, "test_loss": 2.1}
+
+    lora, smoa = "LoRA r=8", "SMoA r=8 K=2"
+    path = tmp_path / "records" / "study.jsonl"
+    rec = runs.Record(path)
+    entries = [_smollm2_run(lora, lr, 0, v, v + 0.1) for lr, v in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.8))]
+    entries += [_smollm2_run(lora, 3e-3, s, 1.5, 1.6 + s / 100, 0.6) for s in (1, 2)]
+    entries += [_smollm2_run(smoa, lr, 0, v, v + 0.1, 0.7) for lr, v in ((3e-3, 1.9), (1e-2, 1.4))]
+    for e in entries:
+        a = runs.run_args(tiny_model_dir, ds, e["method"], e["lr"], e["seed"], 40, tmp_path, smollm2)
+        rec.add(rec.key(tiny_model_dir, ds, a), e)
+    rec.add(rec.key(tiny_model_dir, ds, {"baseline": "commonsense"}),
+            {"test_loss": 4.0, "accuracy": {t: 0.25 for t in smollm2.TRAIN_TASKS + smollm2.TRANSFER_TASKS}})
+    results = report_smollm2.as_results(*report_smollm2.read_record(path, [ds], tiny_model_dir))
+    assert results["best"][(40, "commonsense", lora)] == 3e-3
+    assert report_smollm2.status(results, 40, "commonsense", lora) == "default rate"  # 2e-4 not run
+    assert report_smollm2.status(results, 40, "commonsense", smoa) == "rates 2/3"
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# stories260K study\n\nkept\n")
+    report_smollm2.write_section(out, path, [ds], tiny_model_dir)
+    text = out.read_text()
+    assert text.startswith("# stories260K study\n\nkept\n") and "**PARTIAL: 0 of" in text
+    assert "| commonsense | LoRA r=8 | 100 | 2e-4 → — | 1e-3/3e-3/1e-2 → **3e-3** | 1.610 ± 0.010 (n=3) |" in text
+    assert "| commonsense | base model | 0 | | | 4.000 | | 0.250 | 0.250 | | |" in text
+    report_smollm2.write_section(out, path, [ds], tiny_model_dir)  # replaced, not appended
+    assert out.read_text() == text
+    # --quick: retrained runs against the record's runs of the same key.
+    first = dict(entries[1])
+    key = rec.key(tiny_model_dir, ds, runs.run_args(tiny_model_dir, ds, lora, 3e-3, 0, 40, tmp_path, smollm2))
+    assert report_smollm2.check_quick({"runs": [{**first, "key": key}]}, path)
+    assert not report_smollm2.check_quick({"runs": [{**first, "key": key, "test_loss": 1.7}]}, path)
+    assert not report_smollm2.check_quick({"runs": [{**first, "key": "unrecorded"}]}, path)  # nothing compared

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from smoa_mlx.layer import SMoALinear
@@ -44,6 +45,14 @@ def _lora(d_out, d_in, seed, r):
     return layer
 
 
+def _dora(d_out, d_in, seed, r):
+    layer = DoRALinear.from_base(_linear(d_out, d_in, seed), r=r, scale=2.0)
+    rng = np.random.default_rng(seed + 100)
+    layer.lora_b = mx.array(rng.normal(0, 0.1, (r, d_out)).astype(np.float32))
+    layer.m = layer.m * mx.array(rng.uniform(0.5, 1.5, d_out).astype(np.float32))
+    return layer
+
+
 def numpy_smoa_delta(layer: SMoALinear) -> np.ndarray:
     """SPEC §1: ΔW[rows_k, cols_k] = scale * (B_k A_k) ⊙ W0[rows_k, cols_k], zero elsewhere."""
     w0 = np.array(layer.linear.weight, dtype=np.float64)
@@ -67,7 +76,8 @@ def numpy_ranks(delta: np.ndarray) -> tuple[int, float]:
     return int(np.sum(s > 0.01 * s.max())), math.exp(-sum(x * math.log(x) for x in p if x > 0))
 
 
-@pytest.mark.parametrize("make", [lambda: _smoa(48, 40, 0, 8, 3), lambda: _lora(48, 40, 1, 4)])
+@pytest.mark.parametrize("make", [lambda: _smoa(48, 40, 0, 8, 3), lambda: _lora(48, 40, 1, 4),
+                                  lambda: _dora(48, 40, 2, 4)])
 def test_delta_weight_matches_the_forward_pass(make):
     layer = make()
     x = mx.array(np.random.default_rng(7).normal(0, 1, (5, 40)).astype(np.float32))
@@ -150,7 +160,7 @@ def test_format_is_one_row_per_module_type():
 
 
 def test_a_model_without_adapters_is_refused():
-    with pytest.raises(ValueError, match="no SMoA or LoRA layers"):
+    with pytest.raises(ValueError, match="no SMoA, LoRA or DoRA layers"):
         rank_report(Toy([Block(_linear(8, 8, 0), _linear(8, 8, 1))]))
 
 

@@ -127,6 +127,41 @@ def test_lora_and_hira_save_loadable_adapters(method, tiny_model_dir, arith, tmp
     assert evaluate(model, valid.eval_batches()) == pytest.approx(r["val_loss"], abs=1e-5)
 
 
+def test_dora_trains_saves_loads_and_fuses(tiny_model_dir, arith, tmp_path):
+    """--method dora is mlx-lm's DoRALinear under our loop: the loss drops, the magnitudes
+    train, and the saved directory gives the in-memory validation loss back through our
+    loader, mlx_lm.load and a fused checkpoint alike."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.tuner.dora import DoRALinear
+
+    from smoa_mlx.fuse import main as fuse_main
+
+    out = tmp_path / "dora"
+    r = train(opts(tiny_model_dir, arith, out, method="dora", iters=10))
+    assert r["val_loss"] < r["initial_val_loss"] - 0.05, r
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora" and config["lora_parameters"]["scale"] == 1.0
+    ours, tok = smoa_mlx.load(str(tiny_model_dir), adapter_path=str(out))
+    theirs, _ = mlx_lm_load(str(tiny_model_dir), adapter_path=str(out))
+    dora = {p: m for p, m in ours.named_modules() if isinstance(m, DoRALinear)}
+    assert len(dora) == 5 * len(ours.layers)  # q k v up down in every layer
+    m = next(iter(dora.values()))
+    assert not np.allclose(np.array(m.m), np.array(mx.linalg.norm(m.linear.weight, axis=1)))
+    valid = Batcher(load_data(arith, tok)["valid"], 4, 2048)
+    for model in (ours, theirs):
+        model.eval()
+        assert evaluate(model, valid.eval_batches()) == pytest.approx(r["val_loss"], abs=1e-5)
+    tokens = mx.array([[1, 5, 17, 42, 99, 3, 25, 7]])
+    want = np.array(ours(tokens))
+    np.testing.assert_allclose(np.array(theirs(tokens)), want, atol=1e-5, rtol=1e-5)
+    assert fuse_main(["--model", str(tiny_model_dir), "--adapter-path", str(out),
+                      "--save-path", str(tmp_path / "fused")]) == 0
+    fused, _ = mlx_lm_load(str(tmp_path / "fused"))
+    np.testing.assert_allclose(np.array(fused(tokens)), want, atol=1e-4, rtol=1e-4)
+    base, _ = mlx_lm_load(str(tiny_model_dir))
+    assert np.abs(np.array(base(tokens)) - want).max() > 1e-2  # the adapter does something
+
+
 def test_quantized_base_trains(tiny_model_dir, arith, tmp_path):
     from mlx_lm.utils import load as mlx_lm_load, quantize_model, save
 
@@ -496,11 +531,11 @@ def test_the_config_covers_mlx_lm_config_defaults():
     assert read["optimizer_config"]["adamw"]["eps"] == 1e-6  # 1e-6 is a float, as in mlx-lm
 
 
-@pytest.mark.parametrize("method", ["lora", "smoa"])
+@pytest.mark.parametrize("method", ["lora", "dora", "smoa"])
 def test_an_mlx_lm_lora_config_trains(method, tiny16, arith, tmp_path):
     """`python -m smoa_mlx.train -c lora_config.yaml` (mlx-lm's example; --method smoa
     picks SMoA), shortened to 20 updates with --iters, trains and saves a loadable adapter."""
-    cfg = _mlx_lm_config(tmp_path, tiny16, arith)
+    cfg = _mlx_lm_config(tmp_path, tiny16, arith, **({"fine_tune_type": "dora"} if method == "dora" else {}))
     out = tmp_path / "adapters"
     flags = ["-c", str(cfg), "--iters", "20"] + (["--method", "smoa"] if method == "smoa" else [])
     proc = subprocess.run([sys.executable, "-m", "smoa_mlx.train", *flags], capture_output=True,
@@ -517,9 +552,10 @@ def test_an_mlx_lm_lora_config_trains(method, tiny16, arith, tmp_path):
 
     expected = build_schedule(config["lr_schedule"])
     np.testing.assert_allclose(lrs, [expected(mx.array(s)).item() for s in (9, 19)], rtol=1e-5)
-    if method == "lora":
+    if method in ("lora", "dora"):
         from mlx_lm import load as mlx_lm_load
 
+        assert config["fine_tune_type"] == method
         assert config["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0,
                                              "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
         model, _ = mlx_lm_load(str(tiny16), adapter_path=str(out))
@@ -528,7 +564,7 @@ def test_an_mlx_lm_lora_config_trains(method, tiny16, arith, tmp_path):
         model, _ = smoa_mlx.load(str(tiny16), adapter_path=str(out))
         b = [v for k, v in tree_flatten(model.parameters()) if ".smoa_b." in k]
         assert {m.split(".")[-1] for m in config["modules"]} == {"q_proj", "v_proj"}
-    blocks = 1 if method == "lora" else 2
+    blocks = 2 if method == "smoa" else 1
     assert len(b) == 2 * 16 * blocks and all(float(mx.abs(x).max()) > 0 for x in b)  # trained
 
 
@@ -579,7 +615,7 @@ def _yaml_case(tmp_path, name, text):
 
 def test_config_keys_that_mean_nothing_here_are_one_line(tiny_model_dir, arith, tmp_path):
     cases = {
-        "dora": ("fine_tune_type: dora\n", r"fine_tune_type: 'dora' is not supported"),
+        "full": ("fine_tune_type: full\n", r"fine_tune_type: 'full' is not supported"),
         "lora alpha": ("lora_parameters: {rank: 8, alpha: 16}\n", r"lora_parameters\.alpha: means nothing"),
         "wandb": ("report_to: wandb\n", "report_to: reporting to other services is not supported"),
         "dpo": ("training_mode: dpo\n", "training_mode: 'dpo' is not supported"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .protocol import DATASETS, MAX_SEQ, TRAIN_SIZE, VALID_SIZE
 
+
 @dataclass
 class Dataset:
     name: str
@@ -17,6 +18,7 @@ class Dataset:
     sizes: dict = field(default_factory=dict)
     task: str | None = None  # scored by log-likelihood on `items` (the test split)
     items: list = field(default_factory=list)
+    tasks: dict = field(default_factory=dict)  # several tasks' items (the SmolLM2 study), by task
 
 
 def _write_jsonl(path: Path, records) -> int:

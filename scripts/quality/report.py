@@ -234,6 +234,9 @@ def targets(results, it, datasets) -> str:
     return text
 
 
+KEPT_BEGIN = "<!-- smollm2 section begin -->"
+
+
 def write_report(path: Path, results, datasets, meta: dict, model_path: Path) -> None:
     from smoa_mlx.files import atomic_write
 
@@ -281,6 +284,9 @@ def write_report(path: Path, results, datasets, meta: dict, model_path: Path) ->
         sweep_table=sweep_table(results, iters, datasets, labels),
         record=f"<!-- {RECORD_TAG}: {json.dumps(record)} -->",
     )
+    old = path.read_text() if path.is_file() else ""
+    if KEPT_BEGIN in old:  # the SmolLM2 study's section (report_smollm2.py) stays
+        text = text.rstrip("\n") + "\n\n" + old[old.index(KEPT_BEGIN):]
     atomic_write(path, lambda t: t.write_text(text))
 
 

@@ -21,7 +21,7 @@ PAIRS = (
 def rate(results, it: int, ds: str, label: str, which: str = "best") -> float | None:
     """The method's best rate (lowest final validation loss, seed 0) or its default."""
     if which == "default":
-        return DEFAULT_RATE[label]
+        return results.get("defaults", DEFAULT_RATE)[label]
     return results["best"].get((it, ds, label))
 
 
