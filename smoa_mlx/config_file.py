@@ -1,15 +1,23 @@
 """YAML options files: keys are option names (underscores or dashes), each value checked as
 argparse checks its flag; a file may also be an `mlx_lm.lora` config, whose own keys
 (`fine_tune_type`, `lora_parameters`, ...) map to SMoA's options (README: "mlx-lm config
-files" has the table)."""
+files" has the table). Keys such a file leaves out mean what they mean to mlx_lm.lora
+(`mlx_lm_defaults`), so it trains what mlx_lm.lora would."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
+from .archs import ALL_LINEAR
 from .errors import ConfigError, MissingFileError
-from .options import DEFAULTS, FIELDS, METHODS
+from .options import DEFAULTS, FIELDS, METHODS, MLX_LM_METHODS
 from .schedule import check_schedule
+
+# mlx_lm.lora's CONFIG_DEFAULTS that describe the invocation, not the training: the bundled
+# model and data stay the defaults (a first run needs no download) and training is on
+# unless --test comes alone.
+_INVOCATION = ("model", "data", "train", "config")
 
 
 def _coerce(key: str, value, where: str):
@@ -81,9 +89,11 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
                 raise ConfigError(f"{where}: lora_parameters sets {key} to {value!r} but "
                                   f"{key} is {out[key]!r}")
             out[key] = value
+    # Not an mlx_lm.lora key, though copies of its example config carry `normal`.
     if out.get("training_mode", "normal") != "normal":
         raise ConfigError(f"{where}: training_mode: {out['training_mode']!r} is not "
-                          "supported here (normal only)")
+                          "supported here (mlx_lm.lora has no such key; preference training "
+                          "is train_mode: dpo or orpo, mlx-lm-lora's key)")
     out.pop("training_mode", None)
     for key in ("report_to", "project_name"):
         if out.get(key) is not None:
@@ -96,6 +106,13 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
 def load_config(path) -> dict:
     """A YAML options file: keys are option names (underscores or dashes), checked like
     flags; an mlx_lm.lora config works too (`_from_mlx_lm`)."""
+    return read_config(path)[0]
+
+
+def read_config(path) -> tuple[dict, bool]:
+    """`load_config`'s options, and whether the file is an mlx_lm.lora config (it names
+    mlx-lm's adapters, `fine_tune_type: lora|dora`, or their `lora_parameters`): then the
+    keys it leaves out take `mlx_lm_defaults`."""
     import yaml
 
     path = Path(path)
@@ -108,11 +125,12 @@ def load_config(path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
     if data is None:
-        return {}
+        return {}, False
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values, got a "
                           f"{type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    mlx_lm = data.get("fine_tune_type") in MLX_LM_METHODS or "lora_parameters" in data
     out = {}
     for key, value in _from_mlx_lm(data, str(path)).items():
         if key not in FIELDS or (key == "config" and value is not None):
@@ -120,7 +138,60 @@ def load_config(path) -> dict:
                               "learning_rate, ...; or mlx_lm.lora's)")
         if value is not None:  # null means not set (mlx-lm writes its unset options so)
             out[key] = _coerce(key, value, str(path))
-    return out
+    return out, mlx_lm
+
+
+def mlx_lm_defaults(chosen: dict) -> dict:
+    """mlx_lm.lora's CONFIG_DEFAULTS as options: what the keys an mlx-lm config leaves out
+    mean. `chosen` holds the options set so far: an lr_schedule mapping carries its own
+    rate and warmup. (LoRA's scale and the optimizer's defaults: options._as_mlx_lm_builds.)"""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    raw = {k: v for k, v in CONFIG_DEFAULTS.items() if k not in _INVOCATION and v is not None}
+    raw["lora_parameters"] = {k: v for k, v in raw["lora_parameters"].items() if k != "scale"}
+    out = _from_mlx_lm(raw, "mlx_lm.lora's CONFIG_DEFAULTS")
+    out["optimizer_config"] = {k: v for k, v in out["optimizer_config"].items() if v}
+    # No lr_schedule: the rate stays constant from the first update. No lora_parameters.keys:
+    # every linear layer (of the adapted decoder layers, in mlx-lm).
+    out.update(lr_schedule="constant", warmup=0, targets=[ALL_LINEAR])
+    if isinstance(chosen.get("lr_schedule"), dict):
+        del out["learning_rate"], out["warmup"]
+    return {k: v for k, v in out.items() if k in FIELDS}
+
+
+def mlx_lm_settings(o) -> str | None:
+    """What an mlx-lm config run trains, in mlx_lm.lora's keys (None for other runs): the
+    resolved settings, printed once at the start."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    if not o.config or not read_config(o.config)[1]:
+        return None
+    own = dict(o.optimizer_config.get(o.optimizer, {}))
+    if o.weight_decay:
+        own.setdefault("weight_decay", o.weight_decay)
+    mapped = {
+        "fine_tune_type": o.method, "optimizer_config": own,
+        "lora_parameters": {"keys": o.targets, "rank": o.rank, "scale": o.alpha / o.rank,
+                            "dropout": o.dropout},
+        "lr_schedule": o.lr_schedule if isinstance(o.lr_schedule, dict) or not o.warmup else
+        f"{o.lr_schedule} after {o.warmup} warmup updates",
+        "iters": f"{o.iters}" + (f" updates of {o.grad_accumulation_steps} batches"
+                                 if o.grad_accumulation_steps > 1 else "")
+        + (f" ({o.epochs} epochs)" if o.epochs else ""),
+    }
+    shown = {k: mapped[k] if k in mapped else getattr(o, k) for k in CONFIG_DEFAULTS
+             if k in mapped or (k in FIELDS and k not in _INVOCATION)}
+    text = ", ".join(f"{k}: {_brief(v)}" for k, v in shown.items() if v is not None)
+    return textwrap.fill(f"mlx-lm config {o.config} (keys it leaves out take mlx_lm.lora's "
+                         f"defaults): {text}", width=100, subsequent_indent="  ")
+
+
+def _brief(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_brief(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_brief(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _yaml_loader():

@@ -155,7 +155,13 @@ class TrainOptions:
     warmup: int = opt(None, "Linear warmup updates before the schedule.", type=int,
                       shown="iters // 10")
     iters: int = opt(200, "Optimizer updates to run; each consumes --grad-accumulation-steps "
-                     "batches (mlx-lm counts batches instead).", type=int, check="at_least_1")
+                     "batches (mlx-lm counts batches instead). Or --epochs.", type=int,
+                     check="at_least_1")
+    epochs: int = opt(None, "Whole passes over the training set instead of --iters: "
+                      "ceil(epochs * batches per pass / --grad-accumulation-steps) updates, a "
+                      "batch being --batch-size examples over all processes. The last update "
+                      "may start the next pass.", type=int, check="at_least_1",
+                      shown="off: --iters counts")
     batch_size: int = opt(4, "Examples per batch. With several processes (mlx.launch) it is "
                           "the global batch, split evenly over them, as in mlx-lm.", type=int,
                           check="at_least_1")
@@ -265,8 +271,6 @@ def _check(o: TrainOptions) -> None:
         raise ConfigError(
             f"--method hira has one block; got --num-blocks {o.num_blocks} (use --method smoa)"
         )
-    if not 0 <= o.warmup < o.iters:
-        raise ConfigError(f"--warmup must be in [0, --iters={o.iters}), got {o.warmup}")
     if o.weight_decay and "weight_decay" not in inspect.signature(
             optimizer_class(o.optimizer)).parameters:
         raise ConfigError(f"--weight-decay needs an optimizer with weight decay, not {o.optimizer}")
@@ -301,17 +305,21 @@ def _check_optimizer_config(config: dict) -> None:
 
 def resolve(given) -> tuple[TrainOptions, dict | None]:
     """Merge `given` (a namespace or dict of options), the YAML config and the resumed run;
-    then check everything. Returns the options and the checkpoint to resume (or None)."""
+    then check everything. Returns the options and the checkpoint to resume (or None).
+
+    With --epochs the number of updates waits for the data: `resolve_length`."""
     from . import checkpoint
-    from .config_file import load_config  # it reads the option table defined here
+    from .config_file import mlx_lm_defaults, read_config  # they read the option table here
 
     given = dict(vars(given) if not isinstance(given, dict) else given)
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown training option(s) {unknown}")
-    merged = {k: v for k, v in given.items() if v is not None}
+    merged = _one_length({k: v for k, v in given.items() if v is not None}, "")
+    mlx_lm = False
     if merged.get("config"):
-        merged = {**load_config(merged["config"]), **merged}
+        values, mlx_lm = read_config(merged["config"])
+        merged = _over(merged, _one_length(values, f"{merged['config']}: "))
     if isinstance(merged.get("targets"), str):
         merged["targets"] = merged["targets"].split(",")
     resume = checkpoint.resume_source(
@@ -326,10 +334,18 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
                     f"{resume.source}: the run was trained with {key}={saved.get(key)!r}; "
                     f"resuming needs the same value, got {merged[key]!r}"
                 )
-        inherited = {k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION}
+        inherited = {k: v for k, v in saved.items() if k in FIELDS and k not in PER_INVOCATION
+                     and v is not None}
         inherited.setdefault("lr_scale", "none")  # a run checkpointed before the step scale
-        merged = {**inherited, **merged}
+        merged = _over(merged, inherited)  # its --iters is the count its --epochs resolved to
+    explicit = set(merged)
+    if mlx_lm:
+        merged = _over(merged, mlx_lm_defaults(merged))
+    if merged.get("epochs") is not None:
+        merged.setdefault("iters", None)  # counted once the data is batched
     o = TrainOptions(**merged)
+    if mlx_lm:
+        _as_mlx_lm_builds(o, explicit)
     if o.mask_prompt is None:
         o.mask_prompt = Path(o.data).resolve() == BUNDLED_DATA.resolve()
     if o.num_blocks is None:
@@ -338,10 +354,70 @@ def resolve(given) -> tuple[TrainOptions, dict | None]:
         o.learning_rate = float(o.lr_schedule["arguments"][0])
     if o.learning_rate is None:
         o.learning_rate = DEFAULT_LR[o.method]
-    if o.warmup is None:
-        o.warmup = 0 if isinstance(o.lr_schedule, dict) else o.iters // 10
     o.data, o.adapter_path, o.model = str(o.data), str(o.adapter_path), str(o.model)
     _check(o)
     if o.learning_rate is not None and not math.isfinite(o.learning_rate):
         raise ConfigError(f"--learning-rate must be finite, got {o.learning_rate}")
+    if o.iters is not None:
+        _resolve_warmup(o)
     return o, resume
+
+
+# The run's length is one setting given either way: a layer of options (flags, the YAML, the
+# resumed run, mlx-lm's defaults) that names either replaces both of every layer below it.
+LENGTH = ("iters", "epochs")
+
+
+def _over(high: dict, low: dict) -> dict:
+    if any(high.get(k) is not None for k in LENGTH):
+        low = {k: v for k, v in low.items() if k not in LENGTH}
+    return {**low, **high}
+
+
+def _one_length(layer: dict, where: str) -> dict:
+    if all(layer.get(k) is not None for k in LENGTH):
+        names = "iters and epochs" if where else "--iters and --epochs"
+        raise ConfigError(f"{where}{names} both given; the run's length is one or the other")
+    return layer
+
+
+def epoch_updates(epochs: int, batches_per_epoch: int, grad_accumulation_steps: int) -> int:
+    """Updates for `epochs` whole passes of `batches_per_epoch` global batches each, every
+    update taking `grad_accumulation_steps` of them (rounded up: no example left unseen)."""
+    return math.ceil(epochs * batches_per_epoch / grad_accumulation_steps)
+
+
+def resolve_length(o: TrainOptions, batches_per_epoch: int) -> None:
+    """--epochs as a number of updates, once the training set is batched (`train.py`): from
+    then on --iters is the count, for the schedule, the progress and a resumed run."""
+    if o.iters is None:
+        o.iters = epoch_updates(o.epochs, batches_per_epoch, o.grad_accumulation_steps)
+        _resolve_warmup(o)
+
+
+def _resolve_warmup(o: TrainOptions) -> None:
+    """--warmup's default (a tenth of the updates) and range, which need the count."""
+    if o.warmup is None:
+        o.warmup = 0 if isinstance(o.lr_schedule, dict) else o.iters // 10
+    if not 0 <= o.warmup < o.iters:
+        count = f"--iters={o.iters}" if o.epochs is None else \
+            f"{o.iters} updates (--epochs {o.epochs})"
+        raise ConfigError(f"--warmup must be in [0, {count}), got {o.warmup}")
+
+
+def _as_mlx_lm_builds(o: TrainOptions, explicit: set) -> None:
+    """What mlx_lm.lora does with an mlx-lm config's missing keys that no default above can
+    say: LoRA's scale stays 20 whatever the rank, and the optimizer takes mlx's own
+    defaults (no bias correction; AdamW's and Muon's weight decay 0.01), not the PyTorch-like
+    ones `schedule.build_optimizer` gives the other runs."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    if "alpha" not in explicit:
+        o.alpha = float(CONFIG_DEFAULTS["lora_parameters"]["scale"]) * o.rank
+    accepted = inspect.signature(optimizer_class(o.optimizer)).parameters
+    own = dict(o.optimizer_config.get(o.optimizer, {}))
+    if "bias_correction" in accepted:
+        own.setdefault("bias_correction", accepted["bias_correction"].default)
+    if "weight_decay" in accepted and "weight_decay" not in explicit:
+        o.weight_decay = own.get("weight_decay", accepted["weight_decay"].default)
+    o.optimizer_config = {**o.optimizer_config, o.optimizer: own}

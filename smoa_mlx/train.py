@@ -29,10 +29,10 @@ from .hub import adapter_files, upload_folder
 from .loader import load_base, load_model
 from .lr_scale import default_rate, step_scales
 from .modes import SFT, loss_fn, make_mode
-from .config_file import load_config
+from .config_file import load_config, mlx_lm_settings
 from .options import (
     BUNDLED_MODEL, DEFAULT_LR, DEFAULTS, LOCAL_OPTIONS, METHODS, MLX_LM_METHODS, PER_INVOCATION,
-    REAL_MODEL, STRUCTURAL, build_parser, resolve,
+    REAL_MODEL, STRUCTURAL, build_parser, resolve, resolve_length,
 )
 from .rank import format_rank_report, rank_report
 from .schedule import build_optimizer, build_schedule
@@ -94,6 +94,7 @@ def _train(args, resume, dist: Distributed) -> dict:
     splits = ("train", "valid") + (("test",) if args.test else ())
     data = _load_data(args, tokenizer, splits, mode.record_kind)
     batchers = _batchers(data, args, dist, args.seed, mode)
+    resolve_length(args, batchers["train"].num_batches)  # --epochs as updates
 
     mx.random.seed(args.seed)
     if args.upcast_base:
@@ -134,11 +135,18 @@ def _train(args, resume, dist: Distributed) -> dict:
     est = estimate_memory(model, summary["trainable"], args, longest, batch=rows)
     truncated = sum(b.truncated for b in batchers.values())
     print(describe(model, args, summary))
+    settings = mlx_lm_settings(args)
+    if settings:
+        print(settings)
     if _float_dtype(model) != mx.float32 and mx.default_device() == mx.cpu:
         print("Note: the base model computes in " + str(_float_dtype(model)).split(".")[-1]
               + " on the CPU, where that is ~25x slower than float32; pass --upcast-base")
     print(f"Data {args.data}: " + ", ".join(f"{len(data[s])} {s}" for s in splits)
           + f" examples; {truncated} truncated to --max-seq-length {args.max_seq_length}")
+    if args.epochs:
+        print(f"{args.epochs} epochs of {batchers['train'].num_batches} batches of "
+              f"{args.batch_size} = {args.iters} updates of {args.grad_accumulation_steps} "
+              f"batch{'es' if args.grad_accumulation_steps > 1 else ''}")
     gb = {k: f"{v / 1e9:.3f}" for k, v in est.items()}
     print(f"Estimated peak memory (rough): {gb['total']} GB = weights {gb['weights']} + adapter "
           f"training state {gb['adapter']} + activations {gb['activations']} "
