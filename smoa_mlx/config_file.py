@@ -89,7 +89,7 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
                 raise ConfigError(f"{where}: lora_parameters sets {key} to {value!r} but "
                                   f"{key} is {out[key]!r}")
             out[key] = value
-    # Not an mlx_lm.lora key, though copies of its example config carry `normal`.
+    # Not an mlx_lm.lora key, though the example config of tests/data carries `normal`.
     if out.get("training_mode", "normal") != "normal":
         raise ConfigError(f"{where}: training_mode: {out['training_mode']!r} is not "
                           "supported here (mlx_lm.lora has no such key; preference training "
