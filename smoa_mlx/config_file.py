@@ -85,11 +85,6 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
         raise ConfigError(f"{where}: training_mode: {out['training_mode']!r} is not "
                           "supported here (normal only)")
     out.pop("training_mode", None)
-    for key in ("report_to", "project_name"):
-        if out.get(key) is not None:
-            raise ConfigError(f"{where}: {key}: reporting to other services is not supported "
-                              "(metrics go to <adapter_path>/metrics.jsonl); remove the key")
-        out.pop(key, None)
     return out
 
 
