@@ -39,5 +39,5 @@ def _console_script(command: str):
 
 
 # pyproject.toml's [project.scripts] points at these.
-train, generate, chat, serve, evaluate, fuse, convert = map(
-    _console_script, ("train", "generate", "chat", "serve", "evaluate", "fuse", "convert"))
+train, generate, chat, serve, evaluate, fuse, convert, lm_eval = map(
+    _console_script, ("train", "generate", "chat", "serve", "evaluate", "fuse", "convert", "lm_eval"))

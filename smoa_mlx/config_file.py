@@ -95,11 +95,6 @@ def _from_mlx_lm(data: dict, where: str) -> dict:
                           "supported here (mlx_lm.lora has no such key; preference training "
                           "is train_mode: dpo or orpo, mlx-lm-lora's key)")
     out.pop("training_mode", None)
-    for key in ("report_to", "project_name"):
-        if out.get(key) is not None:
-            raise ConfigError(f"{where}: {key}: reporting to other services is not supported "
-                              "(metrics go to <adapter_path>/metrics.jsonl); remove the key")
-        out.pop(key, None)
     return out
 
 

@@ -43,22 +43,41 @@ LABEL_REPLY = "the correct answer is {label}"
 
 
 def candidate_logprobs(model, tokenizer, prompt: str, candidates: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of log-probabilities, token count) of each candidate continuing `prompt`.
+    """(sum of log-probabilities, token count) of each candidate continuing `prompt`
+    (`continuation_tokens`, then `continuation_logprobs`)."""
+    sums, counts, _ = continuation_logprobs(model, *continuation_tokens(tokenizer, prompt, candidates))
+    return sums, counts
 
-    Each candidate is tokenised together with the prompt and scored from the first
-    token where it departs from the prompt's own tokens, so word pieces that merge
-    across the boundary are scored once. The shared prompt runs once into a KV
-    cache; the candidates then run as one right-padded batch on copies of it.
+
+def continuation_tokens(tokenizer, context: str, continuations: list[str], add_special_tokens: bool = True,
+                        prefix_token: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """(token sequences, where each continuation's tokens start).
+
+    Each continuation is tokenised together with the context and scored from the first
+    token where it departs from the context's own tokens, so word pieces that merge
+    across the boundary are scored once, wherever the text was cut (a trailing space of
+    the context belongs to the continuation's first token either way). With
+    `prefix_token` (lm-eval's: BOS, else EOS), a continuation that would start at the
+    very first token (an empty context, no BOS) is scored after that token instead.
     """
-    context = tokenizer.encode(prompt)
+    context_ids = tokenizer.encode(context, add_special_tokens=add_special_tokens)
     seqs, starts = [], []
-    for c in candidates:
-        full = tokenizer.encode(prompt + c)
-        start = min(common_prefix(context, full), len(full) - 1)
+    for c in continuations:
+        full = tokenizer.encode(context + c, add_special_tokens=add_special_tokens)
+        start = min(common_prefix(context_ids, full), len(full) - 1)
+        if start < 1 and prefix_token is not None and c:
+            full, start = [prefix_token] + full, 1
         if start < 1 or not c:
             raise ConfigError(f"candidate {c!r} adds no tokens to the prompt")
         seqs.append(full)
         starts.append(start)
+    return seqs, starts
+
+
+def continuation_logprobs(model, seqs: list[list[int]], starts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sum of log-probabilities, token count, greedy) of the tokens `seqs[i][starts[i]:]`;
+    greedy: each of them is the model's argmax. The leading tokens all sequences share
+    run once into a KV cache; the rest run as one right-padded batch on copies of it."""
     shared = min(starts) - 1  # leading tokens whose own logits are not needed
     cache = make_prompt_cache(model)
     if shared > 0 and all(type(c) is KVCache for c in cache):
@@ -75,10 +94,11 @@ def candidate_logprobs(model, tokenizer, prompt: str, candidates: list[str]) -> 
     inputs, targets = mx.array(batch[:, :-1]), mx.array(batch[:, 1:])
     logprobs = nn.log_softmax(model(inputs, cache=cache).astype(mx.float32), axis=-1)
     picked = np.array(mx.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0])
+    hits = np.array(mx.argmax(logprobs, axis=-1) == targets)
     # Column j predicts token shared + j + 1; score the candidate's tokens [start, len).
     pos = np.arange(length - 1)[None] + shared + 1
     mask = (pos >= np.array(starts)[:, None]) & (pos < np.array([len(s) for s in seqs])[:, None])
-    return (picked * mask).sum(axis=1), mask.sum(axis=1)
+    return (picked * mask).sum(axis=1), mask.sum(axis=1), (hits | ~mask).all(axis=1)
 
 
 def document_nll(model, tokenizer, text: str, max_length: int) -> tuple[float, int]:

@@ -197,6 +197,13 @@ class TrainOptions:
                            per_invocation=True, local=True)
     upload_private: bool = opt(False, "Create the --upload-repo repo as private.", kind="flag",
                                per_invocation=True, local=True)
+    report_to: str = opt(None, "Also log the train and validation losses, learning rate, "
+                         "tokens/s and peak memory, and these options, to wandb or swanlab "
+                         "(comma-separated for both), through mlx-lm's reporting callbacks, "
+                         "from rank 0. Needs pip install 'smoa-mlx[wandb]' (or [swanlab]).",
+                         shown="metrics.jsonl only")
+    project_name: str = opt(None, "--report-to's project (wandb's / swanlab's default when "
+                            "unset); the run is named after --adapter-path.")
     seed: int = opt(0, "Seed for initialisation, data order and dropout.", type=int)
     trust_remote_code: bool = opt(False, "Let the tokenizer run code from the model "
                                   "repository (as mlx-lm's flag).", kind="flag")
@@ -265,6 +272,9 @@ def _check(o: TrainOptions) -> None:
         value, check = getattr(o, name), f.metadata["check"]
         if check and value is not None and not _CHECKS[check][0](value):
             raise ConfigError(f"{flag_name(name)} {_CHECKS[check][1]}, got {value}")
+    from .reporting import trackers  # reporting -> checkpoint -> options
+
+    trackers(o.report_to)
     if o.method not in MLX_LM_METHODS and o.num_blocks < 1:
         raise ConfigError(f"--num-blocks must be at least 1, got {o.num_blocks}")
     if o.method == "hira" and o.num_blocks != 1:

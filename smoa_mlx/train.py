@@ -35,6 +35,7 @@ from .options import (
     REAL_MODEL, STRUCTURAL, build_parser, resolve, resolve_length,
 )
 from .rank import format_rank_report, rank_report
+from .reporting import require_trackers, tracking
 from .schedule import build_optimizer, build_schedule
 from .trainer import (
     DTYPES, Loop, adapt, adapter_config, describe, estimate_memory, eval_total, evaluate,
@@ -86,6 +87,8 @@ def _train(args, resume, dist: Distributed) -> dict:
     maybe_set_recommended_wired_limit()  # as mlx_lm.lora: keep the model resident on Metal; no-op elsewhere
     mx.reset_peak_memory()
     mode = make_mode(args)  # what a batch is and its loss (modes.py)
+    if dist.main and args.train:
+        require_trackers(args.report_to)  # a missing wandb / swanlab before any work
     model, tokenizer, _, _ = load_base(args.model, trust_remote_code=args.trust_remote_code)
     if not args.train:
         return _test_only(model, tokenizer, args, dist, mode)
@@ -163,7 +166,8 @@ def _train(args, resume, dist: Distributed) -> dict:
         checkpoint.remove_stale_temps(out)
 
     config = adapter_config(model, args, paths)
-    result = Loop(model, optimizer, args, config, batchers, state, dist, mode).run()
+    with tracking(args.report_to, args.project_name, out, vars(args), dist.main) as callback:
+        result = Loop(model, optimizer, args, config, batchers, state, dist, mode, callback).run()
     result.update(trainable=summary["trainable"], memory_estimate_gb=est["total"] / 1e9,
                   world_size=dist.size)
     # The high-rank update is SMoA's point: show it (LoRA's is capped at its rank). The

@@ -305,10 +305,11 @@ def _rng_key() -> list[int]:
 class Loop:
     """The training loop over one `checkpoint.TrainingState`: updates, reports,
     validations, checkpoints; a Ctrl-C or a NaN stops it at a saved update. `batchers`
-    are `mode`'s, and `mode.loss` is what the steps and validations compute."""
+    are `mode`'s, and `mode.loss` is what the steps and validations compute; `callback`
+    (mlx-lm's reporting callback, `reporting.tracking`) gets rank 0's reports too."""
 
     def __init__(self, model, optimizer, args, config, batchers, state, dist: Distributed,
-                 mode: Mode = SFT()):
+                 mode: Mode = SFT(), callback=None):
         self.model, self.optimizer, self.args, self.config = model, optimizer, args, config
         self.dist, self.state, self.mode = dist, state, mode
         self.train_batches, self.valid = batchers["train"], batchers.get("valid")
@@ -316,7 +317,7 @@ class Loop:
         self.last_saved = state.step or None
         state.rng = _rng_key()  # at the last update boundary: a resumed run restarts there
         state.args = vars(args)
-        self.reporter = Reporter(self.out, args.iters, dist.main)
+        self.reporter = Reporter(self.out, args.iters, dist.main, callback)
         self.last_train_loss = None
 
     def run(self) -> dict:

@@ -617,7 +617,7 @@ def test_config_keys_that_mean_nothing_here_are_one_line(tiny_model_dir, arith, 
     cases = {
         "full": ("fine_tune_type: full\n", r"fine_tune_type: 'full' is not supported"),
         "lora alpha": ("lora_parameters: {rank: 8, alpha: 16}\n", r"lora_parameters\.alpha: means nothing"),
-        "wandb": ("report_to: wandb\n", "report_to: reporting to other services is not supported"),
+        "tracker": ("report_to: tensorboard\n", "--report-to: 'tensorboard' is not one of wandb, swanlab"),
         "dpo": ("training_mode: dpo\n", "training_mode: 'dpo' is not supported"),
         "schedule name": ("lr_schedule: {name: warp, arguments: [1]}\n", r"lr_schedule\.name: 'warp'"),
         "schedule args": ("lr_schedule: {name: cosine_decay, arguments: [1e-3]}\n", r"cosine_decay\(0\.001,\) fails"),

@@ -69,12 +69,9 @@ TRAIN_TASKS = ("ARC-Easy", "ARC-Challenge", "openbookqa", "boolq")
 TRANSFER_TASKS = ("piqa", "social_i_qa", "winogrande")
 # SMOA_STUDY_RECORD: another record file (smoke tests must not touch the study's).
 RECORD = Path(os.environ.get("SMOA_STUDY_RECORD") or Path(__file__).resolve().parent / "records" / "smollm2.jsonl")
-# A float32 HF-layout copy of /root/.cache/smoa-fixtures/smollm2-135m-instruct/
-# SmolLM2-135M-Instruct.Q4_1.gguf, made with transformers 5.25: AutoModelForCausalLM and
-# AutoTokenizer .from_pretrained(dir, gguf_file=name, dtype=torch.float32), hf_quantizer set
-# to None, save_pretrained; then config.json given "rope_theta": 100000.0 at the top level
-# (mlx-lm 0.32 reads it there; transformers 5 writes only rope_parameters). Checked: mlx-lm
-# and transformers logits agree to 7e-5 (of 31); greedy chat answer "...is Paris."
+# A float32 HF-layout copy of SmolLM2-135M-Instruct.Q4_1.gguf made by transformers 5.25
+# (make_smollm2_f32.py rebuilds it byte for byte: the record keys runs by its config hash).
+# Checked: mlx-lm and transformers logits agree to 7e-5 (of 31); greedy answer "...is Paris."
 DEFAULT_MODEL = Path("/work/cache/smollm2-f32")
 QUICK = {"dataset": "commonsense", "iters": 40, "methods": ("LoRA r=8", "SMoA r=8 K=2")}
 TOLERANCE = 0.01
