@@ -14,6 +14,7 @@ nonzero B. Rows:
 - SMoA prepared for generate/chat (`prepare_for_inference()`: a float layer is fused, a
   quantized one keeps the folded path with its factors precomputed);
 - SMoA fused (`fuse_layers`; a quantized base is re-quantized, which can lose the update).
+Each row also times prefill: one forward pass over a `--prefill`-token prompt.
 `--model` takes any model `smoa_mlx.load` reads (a GGUF too): a quantized model is
 measured as it is and de-quantized to float32, so the SUMMARY covers both. Decode
 tokens/s excludes the prompt; medians of interleaved repeats.
@@ -28,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
@@ -37,6 +39,8 @@ from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.inference import prepare_for_inference
 from smoa_mlx.patch import DEFAULT_TARGETS, apply_smoa, smoa_layers
 
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the sun "
+         "with her dog, and every evening her mother told her a story about the stars. ")
 VARIANTS = ["base", "LoRA unfused", "SMoA unprepared", "SMoA keep-base", "SMoA prepared", "SMoA fused"]
 SHORT = {"LoRA unfused": "lora", "SMoA unprepared": "smoa_old", "SMoA keep-base": "smoa_keep",
          "SMoA prepared": "smoa", "SMoA fused": "fused"}
@@ -80,22 +84,39 @@ def decode_tps(model, prompt: mx.array, tokens: int) -> float:
     return n / (time.perf_counter() - tic)
 
 
-def bench_model(name: str, path: Path, tokens: int, repeats: int, bits=None, to_float=False) -> dict:
+def prefill_tps(model, prompt: mx.array) -> float:
+    """Prompt tokens per second of one forward pass over the whole prompt (a fresh cache)."""
+    cache = make_prompt_cache(model)
+    tic = time.perf_counter()
+    mx.eval(model(prompt[None], cache=cache))
+    return prompt.size / (time.perf_counter() - tic)
+
+
+def bench_model(name: str, path: Path, tokens: int, repeats: int, bits=None, to_float=False,
+                prefill: int = 256) -> dict:
     print(f"== {name}: {path}" + (f", quantized to {bits} bits" if bits else "")
           + (", de-quantized to float32" if to_float else ""))
     models = {v: build(path, v, bits, to_float) for v in VARIANTS}
-    prompt = mx.array(models["base"][1].encode("Once upon a time, there was a little"))
+    tokenizer = models["base"][1]
+    prompt = mx.array(tokenizer.encode("Once upon a time, there was a little"))
+    long = mx.array((tokenizer.encode(STORY) * prefill)[:prefill])
     tps = {v: [] for v in VARIANTS}
+    pre = {v: [] for v in VARIANTS}
     for i in range(repeats + 1):  # the first round warms up
         for v, (model, _) in models.items():
-            t = decode_tps(model, prompt, tokens)
+            t, p = decode_tps(model, prompt, tokens), prefill_tps(model, long)
             if i:
                 tps[v].append(t)
+                pre[v].append(p)
     med = {v: median(t) for v, t in tps.items()}
-    print(f"{tokens} tokens after a {prompt.size}-token prompt, median of {repeats}; {load_avg()}")
-    table(["variant", "tokens/s", "vs base"], [[v, med[v], med[v] / med["base"]] for v in VARIANTS])
+    mpre = {v: median(t) for v, t in pre.items()}
+    print(f"decode: {tokens} tokens after a {prompt.size}-token prompt; prefill: a {long.size}-token "
+          f"prompt; medians of {repeats}; {load_avg()}")
+    table(["variant", "decode tok/s", "vs base", "prefill tok/s", "vs base"],
+          [[v, med[v], med[v] / med["base"], mpre[v], mpre[v] / mpre["base"]] for v in VARIANTS])
     print()
-    return {SHORT[v]: med[v] / med["base"] for v in VARIANTS[1:]}
+    ratios = {SHORT[v]: med[v] / med["base"] for v in VARIANTS[1:]}
+    return ratios | {f"{SHORT[v]}_prefill": mpre[v] / mpre["base"] for v in VARIANTS[1:]}
 
 
 def summary(prefix: str, ratios: dict) -> str:
@@ -108,6 +129,7 @@ def main(argv=None) -> None:
                         help="A model smoa_mlx.load reads (directory or .gguf); default: the 1B-shaped one.")
     parser.add_argument("--tokens", type=int, default=32, help="Tokens generated per run.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant.")
+    parser.add_argument("--prefill", type=int, default=256, help="Prompt tokens of the prefill timing.")
     parser.add_argument("--layers", type=int, default=4, help="Layers of the 1B-shaped model.")
     parser.add_argument("--work-dir", default="/tmp/smoa_bench", help="Where the generated model goes.")
     parser.add_argument("--bits", type=int, choices=[4, 8], help="Quantize the 1B-shaped base (group size 64).")
@@ -118,17 +140,18 @@ def main(argv=None) -> None:
         quantized = "quantization" in config
         del model
         parts = [summary("float_", bench_model("float32", args.model, args.tokens, args.repeats,
-                                               to_float=quantized))]
+                                               to_float=quantized, prefill=args.prefill))]
         if quantized:
-            parts.append(summary("quant_", bench_model("quantized", args.model, args.tokens, args.repeats)))
+            parts.append(summary("quant_", bench_model("quantized", args.model, args.tokens, args.repeats,
+                                                         prefill=args.prefill)))
         print("SUMMARY " + " ".join(parts))
         return
     if args.bits:  # stories260K's MLP width (172) has no quantization group size
         print("(stories260K-hf is not quantizable: skipped)\n")
     elif STORIES.exists():
-        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats)
+        bench_model("stories260K-hf", STORIES, args.tokens, args.repeats, prefill=args.prefill)
     big = bench_model("Llama-3.2-1B-shaped", llama_1b_shaped(Path(args.work_dir), args.layers),
-                      args.tokens, args.repeats, args.bits)
+                      args.tokens, args.repeats, args.bits, prefill=args.prefill)
     print("SUMMARY " + summary("", big))
 
 

@@ -13,8 +13,8 @@ pass); see docs/PERFORMANCE.md.
 `--decode` times one token instead (no gradients) on the Llama-1B projection shapes
 (`--smollm2`: SmolLM2-135M's): the base, SMoALinear as training leaves it (its folded
 path: one matmul of W0 with 1 + R rows, factors rebuilt per call), SMoALinear prepared
-for inference (`prepare`: a float base merged, a quantized one folded with precomputed
-factors), and, for comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`
+for inference (`prepare`: a float base merged, a quantized one plus its blocks' ΔW_k at
+8 bits; `prepared MiB` is what that holds), and, for comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`
 next to the base matmul with the anchors M_k stored, or rebuilt (de-quantized) on each
 call. `ops` counts the nodes of each variant's graph for one call (`mx.export_to_dot`).
 """
@@ -90,9 +90,15 @@ def decode(args) -> None:
         rows.append([f"{d_out}x{d_in}"] + [t[n] * 1e3 for n in variants]
                     + [t["SMoA (folded)"] / t["base"], t["SMoA prepared"] / t["base"],
                        t["anchors stored"] / t["base"], sum(a.nbytes for a in stored) / 2**20,
+                       prepared_mib(prepared),
                        "/".join(str(graph_nodes(variants[n]())) for n in list(variants)[:3])])
     table(["shape", *variants, "folded/base", "prepared/base", "stored/base", "stored MiB",
-           "ops base/folded/prepared"], rows)
+           "prepared MiB", "ops base/folded/prepared"], rows)
+
+
+def prepared_mib(layer: SMoALinear) -> float:
+    arrays = [layer._merged] if layer._merged is not None else [a for p in layer._delta[0] for a in p]
+    return sum(a.nbytes for a in arrays) / 2**20
 
 
 def main(argv=None) -> None:

@@ -3,16 +3,15 @@
 Training keeps SMoA's layers unmerged (A and B change every step); inference does
 not, so every SMoA layer is prepared once when its adapter is loaded for inference
 (`SMoALinear.prepare`): a float base computes with `W0 + ΔW`, one plain matmul as
-the base's; a quantized base keeps the folded path (re-quantizing the merged weight
-rounds the update away: fuse_check) with its factors precomputed.
+the base's; a quantized base keeps its weight (re-quantizing the merged weight rounds
+the update away: fuse_check) and adds each block's ΔW_k, quantized at 8 bits.
 
 Two ways, by whether the bare base is needed again:
 - `keep_base=False` (generate, chat, serve with one adapter): a float layer is
   replaced by its fused plain layer, so W0 is freed and nothing is kept twice;
 - `keep_base=True` (serve --adapter-dir, which switches adapters per request): the
-  base stays untouched beside the merged weight of the active adapter's layers, and
-  `unprepare` drops those (switching back re-merges: docs/PERFORMANCE.md has the cost;
-  a quantized base's small folded factors are kept, so switching there costs nothing).
+  base stays untouched beside the prepared arrays of the active adapter's layers, and
+  `unprepare` drops those (switching back prepares again: docs/PERFORMANCE.md has the cost).
 """
 
 from __future__ import annotations
@@ -27,9 +26,12 @@ from .layer import SMoALinear, adapter_layers
 def prepare_for_inference(model: nn.Module, keep_base: bool = False) -> int:
     """Prepare every SMoA layer of `model` for inference (module docstring); returns how many."""
     layers = adapter_layers(model, SMoALinear)
+    if keep_base:
+        prepare(layers.values())
+        return len(layers)
     fused = []
     for path, layer in layers.items():
-        if not keep_base and isinstance(layer.linear, nn.Linear):
+        if isinstance(layer.linear, nn.Linear):
             fused.append((path, layer.fuse()))
         else:
             layer.prepare()
@@ -57,9 +59,6 @@ def prepare(modules) -> None:
 
 
 def unprepare(modules) -> None:
-    """Drop the merged weights `prepare_for_inference(..., keep_base=True)` made in these
-    modules (and their children). A quantized base's folded factors are kept: they take
-    (1 + R) (d_in + d_out) values a layer, and keeping them makes switching back free."""
+    """Drop what `prepare` made in these modules (and their children): the base alone again."""
     for layer in _smoa_in(modules):
-        if layer._merged is not None:
-            layer.unprepare()
+        layer.unprepare()
