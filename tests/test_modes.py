@@ -114,6 +114,20 @@ def test_orpo_loss_equals_trl_formula_in_float64(adapted):
     assert sums["chosen_reward"].item() == pytest.approx(0.25 * mean[:n].sum(), rel=1e-5)
 
 
+def test_pair_logps_are_each_reply_s_float64_log_probability(adapted):
+    from smoa_mlx.modes import pair_logps
+
+    model, _, (inputs, targets, mask) = adapted
+    chosen, rejected = pair_logps(model, [(inputs, targets, mask)] * 2)
+    ref, _ = _np_logps(np.array(model(inputs)), np.array(targets), np.array(mask))
+    n = len(ref) // 2
+    np.testing.assert_allclose(chosen, np.tile(ref[:n], 2), rtol=1e-5)
+    np.testing.assert_allclose(rejected, np.tile(ref[n:], 2), rtol=1e-5)
+    empty = mx.concatenate([mask[:1] * 0, mask[1:]])  # pair 0's chosen reply cut away
+    chosen, rejected = pair_logps(model, [(inputs, targets, empty)])
+    np.testing.assert_allclose(chosen, ref[1:n], rtol=1e-5)
+
+
 def test_only_reply_tokens_are_scored_and_rows_pair_up(adapted, tiny_model_dir, pref_dir):
     _, tok = load_model(tiny_model_dir)
     pairs = load_data(pref_dir, tok, splits=("train",), kind="preference")["train"]
