@@ -246,7 +246,9 @@ def disagreement(shown: dict[str, int], hashed: dict[str, object],
 
 
 def data_digest(examples) -> int:
-    """Every token and prompt length of a split (tokenized data, so tokenizers are compared too)."""
+    """Every token and prompt length of a split (tokenized data, so tokenizers are compared
+    too); of a preference pair, both of its sequences."""
+    examples = [x for e in examples for x in ((e.chosen, e.rejected) if hasattr(e, "chosen") else (e,))]
     lengths = np.array([(len(e.tokens), e.prompt_len) for e in examples], np.int64)
     tokens = np.fromiter((t for e in examples for t in e.tokens), np.int64)
     return digest(lengths.tobytes(), tokens.tobytes())

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .data import Batcher, PairBatcher
 from .layer import adapters_off
@@ -104,6 +105,21 @@ def sequence_logps(logits, targets, mask):
     """Each row's summed log-probability of its `mask` tokens, and their count."""
     token = -nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
     return token.sum(-1), mask.sum(-1)
+
+
+def pair_logps(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """The summed reply log-probabilities of the chosen and of the rejected reply of each
+    pair in `batches` (`PairBatcher` batches; a pair with no reply token left is dropped).
+    Held-out preference accuracy is the share with chosen above rejected; the same under
+    `adapters_off` gives the reference, hence DPO's implicit rewards."""
+    chosen, rejected = [], []
+    for inputs, targets, mask in batches:
+        logps, counts = (np.array(x) for x in sequence_logps(model(inputs), targets, mask))
+        n = len(logps) // 2
+        keep = (counts[:n] > 0) & (counts[n:] > 0)
+        chosen.append(logps[:n][keep])
+        rejected.append(logps[n:][keep])
+    return np.concatenate(chosen), np.concatenate(rejected)
 
 
 class _Preference:

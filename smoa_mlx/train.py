@@ -22,7 +22,7 @@ import mlx.core as mx
 from . import checkpoint
 from .card import write_adapter_card
 from .cli import run
-from .data import FEATURES, Batcher, load_data
+from .data import FEATURES, Batcher, load_data, warn
 from .distributed import Distributed, array_digest, data_digest, model_digest
 from .errors import ConfigError
 from .hub import adapter_files, upload_folder
@@ -67,8 +67,25 @@ def _batchers(data: dict, args, dist: Distributed, seed: int, mode=SFT()) -> dic
         raise ConfigError(f"--batch-size {args.batch_size} is the global batch; it must be "
                          f"divisible by the {dist.size} processes")
     local = args.batch_size // dist.size
-    return {s: mode.batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
-                            world_size=dist.size) for s, d in data.items() if d}
+    batchers = {s: mode.batcher(d, local, args.max_seq_length, seed=seed, rank=dist.rank,
+                                world_size=dist.size) for s, d in data.items() if d}
+    if mode.record_kind == "preference" and dist.main:
+        _warn_cut_pairs(batchers, args)
+    return batchers
+
+
+def _warn_cut_pairs(batchers: dict, args) -> None:
+    """Pairs longer than --max-seq-length lose reply tokens, and a preference loss compares
+    the replies' log-probabilities: the loss changes with no error, so say it once."""
+    cut = sum(b.truncated for b in batchers.values())
+    if not cut:
+        return
+    total = sum(len(b.examples) for b in batchers.values())
+    empty = sum(b.fully_masked for b in batchers.values())
+    dropped = f" ({empty} keep no reply token and count for nothing)" if empty else ""
+    warn(f"{cut} of {total} preference pairs are longer than --max-seq-length "
+         f"{args.max_seq_length}: their replies are cut{dropped}, which changes their "
+         f"{args.train_mode.upper()} loss; raise --max-seq-length to keep them whole")
 
 
 def _agreement(args, data: dict, fingerprints: dict) -> tuple[dict, dict]:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from smoa_mlx import checkpoint, files
-from smoa_mlx.distributed import SAME_RUN, Distributed, disagreement, encode
+from smoa_mlx.distributed import SAME_RUN, Distributed, data_digest, disagreement, encode
 from smoa_mlx.train import _batchers, train
 
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
@@ -240,6 +240,35 @@ def test_two_processes_train_like_one_with_the_same_global_batch(two, single):
     assert {p.name for p in two.out.iterdir()} == {p.name for p in single.iterdir()}
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """Preference pairs of varied lengths: train 14 (one global batch of 4 holds empty
+    rows), valid 6."""
+    d = tmp_path_factory.mktemp("pairs")
+    rng = random.Random(2)
+    for split, n in (("train", 14), ("valid", 6)):
+        rows = [{"prompt": f"what is {a} plus {b}?" + "?" * (a % 5), "chosen": f"It is {a + b}.",
+                 "rejected": f"It is {a + b + rng.randint(1, 9)}, I think."}
+                for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(n))]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_dpo_over_two_processes_trains_like_one(ring, tiny_model_dir, pairs, tmp_path):
+    """DPO's loss is a mean over pairs: the group sums its pairs and reward totals like tokens."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(options(tiny_model_dir, pairs, one, train_mode="dpo"))
+    stdout, stderr = launch(flags(options(tiny_model_dir, pairs, two, train_mode="dpo")))
+    assert "error:" not in stderr, stderr
+    assert_same_run(two, one)
+    for kind in ("train", "val"):
+        for key in ("reward_accuracy", "reward_margin", "chosen_reward"):
+            a, b = by_step(two, kind, f"{kind}_{key}"), by_step(one, kind, f"{kind}_{key}")
+            np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)],
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{kind} {key}")
+    assert by_step(one, "train", "train_reward_margin")[10] > 0  # it learned something
+
+
 def test_ctrl_c_on_one_rank_stops_both_then_resume_reproduces_the_run(two, single, tiny_model_dir, data, tmp_path, ranks):
     """Ctrl-C reaches only rank 1 while rank 0 is frozen mid-run: both stop after the same
     update, rank 0 saves, and a 2-process --resume ends where the straight run does."""
@@ -338,6 +367,15 @@ def test_disagreement_names_each_item_and_the_ranks_that_differ():
     msg = disagreement(shown, hashed, table)
     assert msg == ("the 3 processes disagree on the number of train examples (ranks 0, 2: 30 vs "
                    "rank 1: 29); --rank (ranks 0, 2 vs rank 1): " + SAME_RUN)
+
+
+def test_the_data_digest_covers_both_replies_of_a_pair():
+    from smoa_mlx.data import Example, Pair
+
+    a = Pair(Example([1, 2, 3, 4, 5], 3), Example([1, 2, 3, 6], 3))
+    b = Pair(Example([1, 2, 3, 4, 5], 3), Example([1, 2, 3, 7], 3))  # only the shorter differs
+    assert data_digest([a]) != data_digest([b])
+    assert data_digest([a]) == data_digest([Pair(Example([1, 2, 3, 4, 5], 3), Example([1, 2, 3, 6], 3))])
 
 
 def test_the_global_batch_is_split_over_the_processes():

@@ -114,6 +114,20 @@ def test_orpo_loss_equals_trl_formula_in_float64(adapted):
     assert sums["chosen_reward"].item() == pytest.approx(0.25 * mean[:n].sum(), rel=1e-5)
 
 
+def test_pair_logps_are_each_reply_s_float64_log_probability(adapted):
+    from smoa_mlx.modes import pair_logps
+
+    model, _, (inputs, targets, mask) = adapted
+    chosen, rejected = pair_logps(model, [(inputs, targets, mask)] * 2)
+    ref, _ = _np_logps(np.array(model(inputs)), np.array(targets), np.array(mask))
+    n = len(ref) // 2
+    np.testing.assert_allclose(chosen, np.tile(ref[:n], 2), rtol=1e-5)
+    np.testing.assert_allclose(rejected, np.tile(ref[n:], 2), rtol=1e-5)
+    empty = mx.concatenate([mask[:1] * 0, mask[1:]])  # pair 0's chosen reply cut away
+    chosen, rejected = pair_logps(model, [(inputs, targets, empty)])
+    np.testing.assert_allclose(chosen, ref[1:n], rtol=1e-5)
+
+
 def test_only_reply_tokens_are_scored_and_rows_pair_up(adapted, tiny_model_dir, pref_dir):
     _, tok = load_model(tiny_model_dir)
     pairs = load_data(pref_dir, tok, splits=("train",), kind="preference")["train"]
@@ -295,3 +309,95 @@ def test_llm_adapters_pairs_load(datasets_dir, tiny_model_dir, tmp_path):
     _, tok = load_model(tiny_model_dir)
     data = load_data(out, tok, splits=("train", "valid", "test"), kind="preference")
     assert [len(data[s]) for s in ("train", "valid", "test")] == [8, 4, 4]
+
+
+# ---------------------------------------------------------------- the warning for cut pairs
+
+
+def test_pairs_cut_by_max_seq_length_are_warned_once(tiny_model_dir, tmp_path, capsys):
+    """Cutting a pair drops reply tokens, so its loss changes: one line says how many."""
+    data = tmp_path / "data"
+    data.mkdir()
+    long_prompt = {"prompt": "what is " + " plus ".join(map(str, range(12))) + "?",
+                   "chosen": "The answer is 66.", "rejected": "The answer is 65."}
+    _write(data / "train.jsonl", _pairs(16) + [long_prompt])
+    _write(data / "valid.jsonl", _pairs(8, seed=1))
+    _, tok = load_model(tiny_model_dir)
+    pairs = load_data(data, tok, splits=("train", "valid"), kind="preference")
+    pairs = pairs["train"] + pairs["valid"]
+    length = 25
+    # a pair loses reply tokens when a sequence has more than length + 1 tokens; it keeps
+    # none of a reply when that reply's prompt alone fills the length
+    cut = sum(max(len(p.chosen.tokens), len(p.rejected.tokens)) > length + 1 for p in pairs)
+    empty = sum(max(p.chosen.prompt_len, p.rejected.prompt_len) > length for p in pairs)
+    assert 0 < empty < cut < len(pairs)  # the data has all three kinds
+    opts = _opts(tiny_model_dir, data, tmp_path / "a", iters=1, max_seq_length=length)
+    train(opts)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "--max-seq-length" in x]
+    assert lines == [f"warning: {cut} of {len(pairs)} preference pairs are longer than "
+                     f"--max-seq-length {length}: their replies are cut ({empty} keep no reply "
+                     "token and count for nothing), which changes their DPO loss; raise "
+                     "--max-seq-length to keep them whole"]
+    train({**opts, "max_seq_length": 256, "adapter_path": str(tmp_path / "b")})
+    assert "--max-seq-length" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def smollm2_float(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 de-quantized to an MLX directory (float16; the runs upcast it to float32).
+    DPO trains on it, not on the Q4_1 GGUF: MLX's CPU quantized matmuls made a DPO step
+    ~10x slower (measured: first step of 4 x 176 tokens, 4 layers adapted, 400 s vs 36 s)."""
+    from smoa_mlx.gguf.model import convert_gguf
+
+    return convert_gguf(str(smollm2_gguf), tmp_path_factory.mktemp("smol") / "f16", dequantize=True)
+
+
+def _format_pairs(items) -> list[dict]:
+    """Real ARC-Easy questions; chosen = the reply LLM-Adapters trains, in the format the
+    prompt asks for ("the correct answer is answer2"), rejected = the same right answer in
+    the option's own words. A preference a few updates can learn and carry to new
+    questions (which option is right is not: that takes far more)."""
+    from smoa_mlx.evaluate import LABEL_REPLY
+
+    return [{"prompt": it.prompt, "chosen": LABEL_REPLY.format(label=it.answer),
+             "rejected": it.options[it.labels.index(it.answer)]} for it in items]
+
+
+def test_dpo_on_smollm2_raises_held_out_preference_accuracy(smollm2_float, datasets_dir, tmp_path):
+    """4 DPO updates of 2 pairs on the real model (2 layers adapted): on 12 held-out
+    questions the chosen reply's summed log-probability rises against the rejected one's,
+    for every question. Measured on seeds 0, 1, 2: accuracy 0.167 -> 0.417 each time, mean
+    margin -3.67 -> -0.23..0.13 nats, the smallest per-question gain 2.7 nats; a wrong sign
+    or a reference that leaks gradient would move them the other way."""
+    from smoa_mlx.adapters import load_adapter
+    from smoa_mlx.data import load_split, to_pairs
+    from smoa_mlx.modes import pair_logps
+    from smoa_mlx.tasks import load_items
+    from smoa_mlx.trainer import upcast_base
+
+    src = datasets_dir / "llm_adapters" / "ARC-Easy"
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "train.jsonl", _format_pairs(load_items("ARC-Easy", src / "train.json", 8)))
+    held = _write(tmp_path / "held.jsonl", _format_pairs(load_items("ARC-Easy", src / "test.json", 12)))
+    out = tmp_path / "dpo"
+    train({"model": str(smollm2_float), "upcast_base": True, "data": str(data),
+           "adapter_path": str(out), "train_mode": "dpo", "iters": 4, "batch_size": 2,
+           "num_layers": 2, "learning_rate": 1e-2, "lr_schedule": "constant", "warmup": 0,
+           "max_seq_length": 256})
+    model, tok = load_model(smollm2_float)
+    upcast_base(model)
+    load_adapter(model, out)
+    model.eval()
+    batches = list(PairBatcher(load_split(held, tok, convert=to_pairs), 4, 256).eval_batches())
+    chosen, rejected = pair_logps(model, batches)
+    with adapters_off(model):
+        base_chosen, base_rejected = pair_logps(model, batches)
+    base_margin, margin = base_chosen - base_rejected, chosen - rejected
+    assert len(chosen) == 12
+    assert np.mean(margin > 0) > np.mean(base_margin > 0)  # held-out preference accuracy
+    assert margin.mean() > base_margin.mean() + 2.0
+    assert (margin - base_margin > 1.0).all()  # each implicit reward margin (over beta)

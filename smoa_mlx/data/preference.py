@@ -36,7 +36,9 @@ class Pair:
 
     @property
     def prompt_len(self) -> int:
-        return min(self.chosen.prompt_len, self.rejected.prompt_len)
+        """The longer prompt: a --max-seq-length below it leaves that reply no token, and
+        the pair counts for nothing (`Batcher.fully_masked`)."""
+        return max(self.chosen.prompt_len, self.rejected.prompt_len)
 
 
 def _conversations(record: dict, loc: str) -> tuple[list, list]:
