@@ -49,7 +49,6 @@ from smoa_mlx.adapters import load_adapter
 from smoa_mlx.data import Batcher, PairBatcher, load_data, load_split, to_pairs
 from smoa_mlx.evaluate import evaluate_items
 from smoa_mlx.gguf.model import convert_gguf
-from smoa_mlx.layer import adapters_off
 from smoa_mlx.loader import load_model
 from smoa_mlx.modes import DPO, ORPO, SFT, pair_logps
 from smoa_mlx.patch import apply_smoa, target_paths
@@ -175,20 +174,21 @@ def run_study(model_dir: Path, work: Path, heldout: dict, args) -> dict:
     tic = time.perf_counter()
     results = {"base": measure(model_dir, None, work, heldout)}
     print(f"base model measured in {time.perf_counter() - tic:.0f} s", flush=True)
-    for mode in ("SFT", "DPO"):
-        out = work / f"adapter_{mode.lower()}"
+    for arm in args.study:
+        mode, _, rate = arm.partition("@")
+        rate = float(rate) if rate else args.learning_rate
+        out = work / f"adapter_{arm.lower()}"
         tic = time.perf_counter()
         r = train({"model": str(model_dir), "upcast_base": True, "data": str(work / mode.lower()),
                    "adapter_path": str(out), "train_mode": mode.lower(), "beta": args.beta,
                    "iters": args.iters, "batch_size": args.batch_size, "warmup": max(args.iters // 10, 1),
                    "steps_per_report": 10, "max_seq_length": MAX_SEQ, "seed": args.seed,
                    "mask_prompt": True,  # SFT's loss on the reply, the tokens DPO scores
-                   "num_layers": args.num_layers, "learning_rate": args.learning_rate})
+                   "num_layers": args.num_layers, "learning_rate": rate})
         wall = time.perf_counter() - tic
-        results[mode] = measure(model_dir, out, work, heldout, base=results["base"])
-        results[mode].update(train_s=wall, peak_gb=r["peak_memory_gb"], lr=args.learning_rate or "default")
-        print(f"{mode}: {args.iters} updates in {wall:.0f} s, measured in "
-              f"{time.perf_counter() - tic - wall:.0f} s", flush=True)
+        results[arm] = measure(model_dir, out, work, heldout, base=results["base"])
+        print(f"{arm}: {args.iters} updates at lr {rate or 'default'} (peak {r['peak_memory_gb']:.2f} GB) in "
+              f"{wall:.0f} s, measured in {time.perf_counter() - tic - wall:.0f} s", flush=True)
     n = sum(len(items) for items, _ in heldout.values())
     print(f"\nHeld-out: {n} items ({', '.join(f'{t} {len(i)}' for t, (i, _) in heldout.items())}); "
           f"{args.iters} updates of {args.batch_size}; {load_avg()}")
@@ -211,6 +211,8 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=None, help="Default: the trainer's.")
+    p.add_argument("--study", nargs="+", default=["SFT", "DPO"], metavar="MODE[@LR]",
+                   help="The study's runs: SFT, DPO or ORPO, each at --learning-rate or @LR.")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--num-layers", type=int, default=-1, help="Adapted layers (from the top); -1 all.")
     p.add_argument("--repeats", type=int, default=3, help="Timed steps per mode.")
@@ -232,7 +234,7 @@ def main(argv=None) -> None:
                     f"orpo_vs_sft_mem={s['mem']['ORPO'] / s['mem']['SFT']:.2f}"]
     if args.skip != "study":
         r = run_study(model_dir, work, heldout, args)
-        for name in ("base", "SFT", "DPO"):
+        for name in r:
             summary += [f"{name.lower()}_pref_acc={r[name]['pref_acc']:.3f}",
                         f"{name.lower()}_choice_acc={r[name]['choice_acc']:.3f}"]
     print("SUMMARY " + " ".join(summary))
