@@ -16,7 +16,7 @@ option in the same form).
    (resident after building + the step's transient peak).
 2. Study: `python -m smoa_mlx.train`'s own loop from the same start, SFT on the chosen
    replies vs DPO on the pairs, the same pairs in the same order, --iters updates each, the
-   trainer's default rate and schedule. Held-out (the first --held-out test items of each
+   trainer's default rate and schedule (`--study SFT DPO@1e-3 ORPO`: other runs). Held-out (the first --held-out test items of each
    task, never trained on): preference accuracy = share of pairs whose chosen reply has the
    higher summed log-probability (`modes.pair_logps`), reward accuracy = share whose
    log-probability margin grew over the base model's (TRL's rewards/accuracies), and
