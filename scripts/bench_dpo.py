@@ -16,7 +16,7 @@ option in the same form).
    (resident after building + the step's transient peak).
 2. Study: `python -m smoa_mlx.train`'s own loop from the same start, SFT on the chosen
    replies vs DPO on the pairs, the same pairs in the same order, --iters updates each, the
-   trainer's default rate and schedule. Held-out (the first --held-out test items of each
+   trainer's default rate and schedule (`--study SFT DPO@1e-3 ORPO`: other runs). Held-out (the first --held-out test items of each
    task, never trained on): preference accuracy = share of pairs whose chosen reply has the
    higher summed log-probability (`modes.pair_logps`), reward accuracy = share whose
    log-probability margin grew over the base model's (TRL's rewards/accuracies), and
@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -80,7 +81,7 @@ def make_data(work: Path, tasks, per_task: int, held: int, seed: int):
         heldout[task] = (items, make_pairs(items, seed + 100 + i, True))
     order = np.random.default_rng(seed).permutation(len(train_pairs))
     train_pairs = [train_pairs[j] for j in order]
-    write_jsonl(work / "dpo" / "train.jsonl", train_pairs)
+    write_jsonl(work / "pairs" / "train.jsonl", train_pairs)
     write_jsonl(work / "sft" / "train.jsonl",
                 [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs])
     for task, (_, p) in heldout.items():
@@ -95,7 +96,7 @@ def step_batches(model_dir: Path, data: Path, batch: int):
     """The same `batch` pairs (of median length) as an SFT batch of their chosen replies
     and as a pair batch."""
     _, tok = load_model(str(model_dir))
-    pairs = load_data(data / "dpo", tok, splits=("train",), kind="preference")["train"]
+    pairs = load_data(data / "pairs", tok, splits=("train",), kind="preference")["train"]
     sft = load_data(data / "sft", tok, splits=("train",), mask_prompt=True)["train"]
     assert [p.chosen for p in pairs] == sft, "SFT records must tokenize as the chosen replies"
     mid = sorted(range(len(pairs)), key=lambda i: len(pairs[i].tokens))[len(pairs) // 2:][:batch]
@@ -155,10 +156,11 @@ def measure(model_dir: Path, adapter, work: Path, heldout: dict, base=None) -> d
     for task, (items, _) in heldout.items():
         pairs = load_split(work / "held" / f"{task}.jsonl", tok, convert=to_pairs)
         c, r = pair_logps(model, PairBatcher(pairs, min(4, len(pairs)), MAX_SEQ).eval_batches())
-        choice, _ = evaluate_items(model, tok, task, items, mode="loglik", choices="label")
+        choice, records = evaluate_items(model, tok, task, items, mode="loglik", choices="label")
         out["logps"][task] = (c, r)
+        picked = Counter(x["prediction"] for x in records).most_common()
         row = {"pref_acc": float(np.mean(c > r)), "margin": float(np.mean(c - r)),
-               "choice_acc": choice["accuracy"], "n": len(items)}
+               "choice_acc": choice["accuracy"], "n": len(items), "predictions": picked}
         if base is not None:
             bc, br = base["logps"][task]
             row["reward_acc"] = float(np.mean((c - bc) > (r - br)))
@@ -179,9 +181,10 @@ def run_study(model_dir: Path, work: Path, heldout: dict, args) -> dict:
         rate = float(rate) if rate else args.learning_rate
         out = work / f"adapter_{arm.lower()}"
         tic = time.perf_counter()
-        r = train({"model": str(model_dir), "upcast_base": True, "data": str(work / mode.lower()),
+        data = work / ("sft" if mode == "SFT" else "pairs")
+        r = train({"model": str(model_dir), "upcast_base": True, "data": str(data),
                    "adapter_path": str(out), "train_mode": mode.lower(), "beta": args.beta,
-                   "iters": args.iters, "batch_size": args.batch_size, "warmup": max(args.iters // 10, 1),
+                   "iters": args.iters, "batch_size": args.batch_size, "warmup": args.iters // 10,
                    "steps_per_report": 10, "max_seq_length": MAX_SEQ, "seed": args.seed,
                    "mask_prompt": True,  # SFT's loss on the reply, the tokens DPO scores
                    "num_layers": args.num_layers, "learning_rate": rate})
@@ -198,6 +201,11 @@ def run_study(model_dir: Path, work: Path, heldout: dict, args) -> dict:
                      *(f"{t['pref_acc']:.2f}/{t['choice_acc']:.2f}" for t in r["tasks"].values())])
     table(["model", "pref acc", "margin", "reward acc", "choice acc",
            *(f"{t} pref/choice" for t in heldout)], rows)
+    answers = {t: Counter(i.answer for i in items).most_common() for t, (items, _) in heldout.items()}
+    for name, r in [("answers", {"tasks": {t: {"predictions": a} for t, a in answers.items()}}),
+                    *results.items()]:
+        print(f"{name} (label: count): " + "; ".join(
+            f"{t} " + " ".join(f"{k} {v}" for k, v in row["predictions"]) for t, row in r["tasks"].items()))
     return results
 
 
