@@ -383,8 +383,8 @@ class SMoALinear(nn.Module):
             mx.eval(self._merged)
         else:
             a, b, blocks = self._factors()
-            self._delta = (_delta_blocks(base_weight(self.linear), a, b, blocks, self.scale,
-                                         self.linear.scales.dtype), blocks)
+            w0 = base_weight(self.linear)  # its dtype, not the scales' (uint8 in mxfp4/nvfp4)
+            self._delta = (_delta_blocks(w0, a, b, blocks, self.scale, w0.dtype), blocks)
             mx.eval(self._delta[0])
 
     def unprepare(self) -> None:

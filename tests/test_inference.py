@@ -51,13 +51,13 @@ def random_layer(base, seed=0, num_blocks=2):
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 3])
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, "affine", "mxfp4"])
 def test_prepared_layer_matches_float64_reference(num_blocks, quantized):
     base = nn.Linear(64, 96, bias=True)
-    if quantized:
-        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4)
+    if quantized:  # mxfp4: uint8 scales, which the prepared update must not take as its dtype
+        base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4, mode=quantized)
     layer = random_layer(base, num_blocks=num_blocks)
-    w0 = np.array(base_weight(layer.linear))
+    w0 = np.array(base_weight(layer.linear).astype(mx.float32))  # bfloat16 in mxfp4: exact
     for rows in (1, 3, 40):  # folded (decoding) and merged (prefill) row counts
         x = mx.random.normal((rows, 64))
         before = np.array(layer(x))
@@ -67,7 +67,7 @@ def test_prepared_layer_matches_float64_reference(num_blocks, quantized):
         assert np.all(np.abs(after - ref) <= 1e-5 * np.abs(ref).max() + quantized_delta_bound(layer, x))
         layer.unprepare()
         assert np.array_equal(np.array(layer(x)), before)  # unprepared: bit for bit as before
-    assert np.array_equal(np.array(base_weight(layer.linear)), w0)  # the base untouched
+    assert np.array_equal(np.array(base_weight(layer.linear).astype(mx.float32)), w0)  # the base untouched
     assert layer._merged is None and layer._delta is None
 
 
