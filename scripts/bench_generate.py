@@ -12,7 +12,8 @@ nonzero B. Rows:
 - SMoA K=2 as training leaves it (every call rebuilds from A, B: the old inference path);
 - SMoA prepared with the base kept (`serve --adapter-dir`: `prepare_for_inference(keep_base=True)`);
 - SMoA prepared for generate/chat (`prepare_for_inference()`: a float layer is fused, a
-  quantized one keeps the folded path with its factors precomputed);
+  quantized one adds its update in the format timed fastest here, `layer.PREPARED_FORMATS`);
+- quantized models only, SMoA prepared in each of those formats, forced;
 - SMoA fused (`fuse_layers`; a quantized base is re-quantized, which can lose the update).
 Each row also times prefill: one forward pass over a `--prefill`-token prompt.
 `--model` takes any model `smoa_mlx.load` reads (a GGUF too): a quantized model is
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,13 +39,15 @@ import smoa_mlx
 from benchlib import STORIES, banner, llama_1b_shaped, load as load_avg, median, table
 from smoa_mlx.fuse import fuse_layers
 from smoa_mlx.inference import prepare_for_inference
+from smoa_mlx.layer import PREPARED_FORMATS
 from smoa_mlx.patch import DEFAULT_TARGETS, apply_smoa, smoa_layers
 
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the sun "
          "with her dog, and every evening her mother told her a story about the stars. ")
 VARIANTS = ["base", "LoRA unfused", "SMoA unprepared", "SMoA keep-base", "SMoA prepared", "SMoA fused"]
+FORCED = {f"SMoA prepared {f}": f for f in PREPARED_FORMATS}  # quantized models only
 SHORT = {"LoRA unfused": "lora", "SMoA unprepared": "smoa_old", "SMoA keep-base": "smoa_keep",
-         "SMoA prepared": "smoa", "SMoA fused": "fused"}
+         "SMoA prepared": "smoa", "SMoA fused": "fused"} | {v: f"smoa_{f}" for v, f in FORCED.items()}
 
 
 def build(path: Path, variant: str, bits: int | None, to_float: bool):
@@ -68,6 +72,9 @@ def build(path: Path, variant: str, bits: int | None, to_float: bool):
             layer.smoa_b = [0.01 * mx.random.normal(b.shape) for b in layer.smoa_b]
         if variant == "SMoA fused":
             fuse_layers(model)
+        elif variant in FORCED:
+            for layer in smoa_layers(model).values():
+                layer.prepare(FORCED[variant])
         elif variant != "SMoA unprepared":
             prepare_for_inference(model, keep_base=variant == "SMoA keep-base")
     model.eval()
@@ -93,15 +100,16 @@ def prefill_tps(model, prompt: mx.array) -> float:
 
 
 def bench_model(name: str, path: Path, tokens: int, repeats: int, bits=None, to_float=False,
-                prefill: int = 256) -> dict:
+                prefill: int = 256, quantized: bool = False) -> dict:
     print(f"== {name}: {path}" + (f", quantized to {bits} bits" if bits else "")
           + (", de-quantized to float32" if to_float else ""))
-    models = {v: build(path, v, bits, to_float) for v in VARIANTS}
+    variants = VARIANTS + (list(FORCED) if quantized else [])
+    models = {v: build(path, v, bits, to_float) for v in variants}
     tokenizer = models["base"][1]
     prompt = mx.array(tokenizer.encode("Once upon a time, there was a little"))
     long = mx.array((tokenizer.encode(STORY) * prefill)[:prefill])
-    tps = {v: [] for v in VARIANTS}
-    pre = {v: [] for v in VARIANTS}
+    tps = {v: [] for v in variants}
+    pre = {v: [] for v in variants}
     for i in range(repeats + 1):  # the first round warms up
         for v, (model, _) in models.items():
             t, p = decode_tps(model, prompt, tokens), prefill_tps(model, long)
@@ -112,11 +120,20 @@ def bench_model(name: str, path: Path, tokens: int, repeats: int, bits=None, to_
     mpre = {v: median(t) for v, t in pre.items()}
     print(f"decode: {tokens} tokens after a {prompt.size}-token prompt; prefill: a {long.size}-token "
           f"prompt; medians of {repeats}; {load_avg()}")
-    table(["variant", "decode tok/s", "vs base", "prefill tok/s", "vs base"],
-          [[v, med[v], med[v] / med["base"], mpre[v], mpre[v] / mpre["base"]] for v in VARIANTS])
+    table(["variant", "decode tok/s", "vs base", "prefill tok/s", "vs base", "prepared MiB", "formats"],
+          [[v, med[v], med[v] / med["base"], mpre[v], mpre[v] / mpre["base"], *prepared(models[v][0])]
+           for v in variants])
     print()
-    ratios = {SHORT[v]: med[v] / med["base"] for v in VARIANTS[1:]}
-    return ratios | {f"{SHORT[v]}_prefill": mpre[v] / mpre["base"] for v in VARIANTS[1:]}
+    ratios = {SHORT[v]: med[v] / med["base"] for v in variants[1:]}
+    return ratios | {f"{SHORT[v]}_prefill": mpre[v] / mpre["base"] for v in variants[1:]}
+
+
+def prepared(model) -> tuple[float, str]:
+    """MiB the SMoA layers' prepared arrays add, and their formats with counts."""
+    layers = list(smoa_layers(model).values())
+    formats = Counter(str(m.prepared_format) for m in layers)
+    return (sum(m.prepared_nbytes for m in layers) / 2**20,
+            " ".join(f"{f}:{n}" for f, n in sorted(formats.items())) or "-")
 
 
 def summary(prefix: str, ratios: dict) -> str:
@@ -143,7 +160,7 @@ def main(argv=None) -> None:
                                                to_float=quantized, prefill=args.prefill))]
         if quantized:
             parts.append(summary("quant_", bench_model("quantized", args.model, args.tokens, args.repeats,
-                                                         prefill=args.prefill)))
+                                                         prefill=args.prefill, quantized=True)))
         print("SUMMARY " + " ".join(parts))
         return
     if args.bits:  # stories260K's MLP width (172) has no quantization group size
@@ -151,7 +168,8 @@ def main(argv=None) -> None:
     elif STORIES.exists():
         bench_model("stories260K-hf", STORIES, args.tokens, args.repeats, prefill=args.prefill)
     big = bench_model("Llama-3.2-1B-shaped", llama_1b_shaped(Path(args.work_dir), args.layers),
-                      args.tokens, args.repeats, args.bits, prefill=args.prefill)
+                      args.tokens, args.repeats, args.bits, prefill=args.prefill,
+                      quantized=bool(args.bits))
     print("SUMMARY " + summary("", big))
 
 

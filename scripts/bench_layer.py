@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from benchlib import banner, median, table, time_interleaved
-from smoa_mlx.layer import SMoALinear, _anchors, _join, base_weight
+from smoa_mlx.layer import PREPARED_FORMATS, SMoALinear, _anchors, _join, base_weight
 
 DECODE_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]  # (d_out, d_in)
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -73,32 +73,32 @@ def decode(args) -> None:
             base = nn.QuantizedLinear.from_linear(base, 64 if d_in % 64 == 0 else 32, args.bits)
         layer = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
         layer.smoa_b = [mx.random.normal(b.shape) * 0.01 for b in layer.smoa_b]
-        prepared = SMoALinear.from_base(base, rank=args.rank, num_blocks=2)
-        prepared.update(layer.parameters())
-        prepared.prepare()
+        # a float base prepares one way (merged); a quantized one in each format, and the
+        # one `prepare` picks by timing
+        formats = [None] + (list(PREPARED_FORMATS) if args.bits else [])
+        prepared = {f: SMoALinear.from_base(base, rank=args.rank, num_blocks=2) for f in formats}
+        for f, p in prepared.items():
+            p.update(layer.parameters())
+            p.prepare(f)
         stored = _anchors(base_weight(base), layer._blocks)
         x = mx.random.normal((1, 1, d_in))
         mx.eval(x, stored, layer.parameters())
         variants = {
             "base": lambda: base(x),
             "SMoA (folded)": lambda: layer(x),
-            "SMoA prepared": lambda: prepared(x),
+            **{f"prepared {f or ''}".strip(): (lambda p=p: p(x)) for f, p in prepared.items()},
             "anchors stored": lambda: factored(layer, x, stored),
             "anchors rebuilt": lambda: factored(layer, x, _anchors(base_weight(base), layer._blocks)),
         }
         t = {n: median(v) for n, v in time_interleaved(variants, args.repeats * 10).items()}
         rows.append([f"{d_out}x{d_in}"] + [t[n] * 1e3 for n in variants]
-                    + [t["SMoA (folded)"] / t["base"], t["SMoA prepared"] / t["base"],
-                       t["anchors stored"] / t["base"], sum(a.nbytes for a in stored) / 2**20,
-                       prepared_mib(prepared),
-                       "/".join(str(graph_nodes(variants[n]())) for n in list(variants)[:3])])
-    table(["shape", *variants, "folded/base", "prepared/base", "stored/base", "stored MiB",
-           "prepared MiB", "ops base/folded/prepared"], rows)
-
-
-def prepared_mib(layer: SMoALinear) -> float:
-    arrays = [layer._merged] if layer._merged is not None else [a for p in layer._delta[0] for a in p]
-    return sum(a.nbytes for a in arrays) / 2**20
+                    + [t[n] / t["base"] for n in variants if n != "base"]
+                    + [prepared[None].prepared_format, sum(a.nbytes for a in stored) / 2**20]
+                    + [p.prepared_nbytes / 2**20 for p in prepared.values()]
+                    + ["/".join(str(graph_nodes(variants[n]())) for n in list(variants)[:3])])
+    table(["shape", *variants, *[f"{n}/base" for n in variants if n != "base"], "picked",
+           "stored MiB", *[f"{n} MiB" for n in variants if n.startswith("prepared")],
+           "ops base/folded/prepared"], rows)
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,8 @@ Training keeps SMoA's layers unmerged (A and B change every step); inference doe
 not, so every SMoA layer is prepared once when its adapter is loaded for inference
 (`SMoALinear.prepare`): a float base computes with `W0 + ΔW`, one plain matmul as
 the base's; a quantized base keeps its weight (re-quantizing the merged weight rounds
-the update away: fuse_check) and adds each block's ΔW_k, quantized at 8 bits.
+the update away: fuse_check) and adds its update in the format that decodes fastest on
+this device (`layer.PREPARED_FORMATS`: folded, or each block's ΔW_k at 8 bits or float32).
 
 Two ways, by whether the bare base is needed again:
 - `keep_base=False` (generate, chat, serve with one adapter): a float layer is

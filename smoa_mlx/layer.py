@@ -22,15 +22,15 @@ of rows (docs/PERFORMANCE.md has the FLOP counts and measurements):
 
 Nothing beyond A and B is stored: W0 + ΔW and the anchors M_k are rebuilt from the
 (frozen, possibly quantized) base weight when needed. Inference may `prepare` a layer
-once (A and B fixed): a float base then holds `W0 + ΔW`; a quantized base keeps W0 and
-holds each block's ΔW_k quantized at `DELTA_BITS` (re-quantizing `W0 + ΔW` at the base's
-bits would round the update away: fuse_check), so a call is the base's quantized matmul
-plus 1/K of one more, whatever the rank.
+once (A and B fixed): a float base then holds `W0 + ΔW`; a quantized base keeps W0
+(re-quantizing `W0 + ΔW` at the base's bits would round the update away: fuse_check) and
+adds its update in whichever of `PREPARED_FORMATS` decodes fastest on this device.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,10 +47,19 @@ from .plan_cache import cached_plan
 # Inputs with at most this many rows times (1 + R) take the folded path: its matmul
 # has 1 + R rows per input row, so it only wins while reading W0 dominates (decoding).
 FOLDED_MAX_ROWS = 64
-# A prepared quantized layer's ΔW_k: 8 bits in groups of 32 keep the update's effect on
-# SmolLM2's logits within 0.5% (4 bits: 7%) at 0.83x the base's decoding speed on a CPU,
-# where the folded path's 1 + R rows ran at 0.21x (docs/PERFORMANCE.md).
+# How a prepared quantized layer adds its update to W0's quantized matmul, in order of the
+# memory they add: the folded path (nothing stored; one quantized matmul of 1 + R rows, as
+# cheap as one row where quantized matmuls are memory-bound), each block's ΔW_k quantized
+# at DELTA_BITS in groups of DELTA_GROUP (8 bits keep the update's effect on SmolLM2's
+# logits within 0.5%; 4 bits 7%), or ΔW_k in float32 (exact; on a CPU, whose float matmul
+# outruns its quantized kernel, SmolLM2's layers decode at 0.93x the base's against 8 bits'
+# 0.65x and folding's 0.11x). Each kind of layer takes the fastest, measured once on this
+# device (`_fastest_format`), unless a format adding less memory is within FORMAT_MARGIN
+# of it (docs/PERFORMANCE.md).
+PREPARED_FORMATS = ("folded", "8bit", "float32")
 DELTA_BITS, DELTA_GROUP = 8, 32
+FORMAT_MARGIN = 1.1
+_FASTEST: dict = {}  # layer kind -> format, for the process (serve re-prepares on switches)
 
 
 @dataclass(frozen=True)
@@ -220,13 +229,16 @@ def _folded(base, x, a_ext, b_ext) -> mx.array:
     return _add_bias(base, (y * b_ext.astype(y.dtype)).sum(axis=-2))
 
 
-def _delta_blocks(w0, a_list, b_list, blocks: Blocks, scale, dtype) -> list[tuple]:
-    """Each block's ΔW_k for `_delta_update`: `(weight, scales, biases)` quantized at
-    DELTA_BITS, or `(weight,)` in `dtype` where the block's width has no group size."""
+def _delta_blocks(w0, a_list, b_list, blocks: Blocks, scale, dtype, fmt: str) -> list[tuple]:
+    """Each block's ΔW_k for `_delta_update`: `(weight,)` in float32 (`fmt` "float32"),
+    or `(weight, scales, biases)` quantized at DELTA_BITS ("8bit"; `(weight,)` in `dtype`
+    where the block's width has no group size)."""
     parts = []
     for a, b, m in zip(a_list, b_list, _anchors(w0, blocks)):
         w = _block_weight(a, b, m, scale, mx.float32)
-        if w.shape[1] % DELTA_GROUP:
+        if fmt == "float32":
+            parts.append((w,))
+        elif w.shape[1] % DELTA_GROUP:
             parts.append((w.astype(dtype),))
         else:
             q, s, z = mx.quantize(w, group_size=DELTA_GROUP, bits=DELTA_BITS)
@@ -364,32 +376,80 @@ class SMoALinear(nn.Module):
             mx.array(np.argsort(row_order).astype(np.uint32)),
             mx.array(np.argsort(col_order).astype(np.uint32)),
         )
-        self._merged = self._delta = None
+        self._merged = self._delta = self._format = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (sum(self.out_sizes), sum(self.in_sizes))
 
-    def prepare(self) -> None:
+    def prepare(self, fmt: str | None = None) -> None:
         """For inference: compute once what every call would rebuild, until `unprepare`
         (A and B must not change meanwhile): a float base gets `W0 + ΔW`, one plain
-        matmul as the base's; a quantized base gets its blocks' ΔW_k (module docstring).
-        The base layer is untouched, so `unprepare` is exact. Already prepared: nothing to do."""
-        if self._merged is not None or self._delta is not None:
+        matmul as the base's; a quantized base adds its update in `fmt`, one of
+        PREPARED_FORMATS (default: the fastest here). The base layer is untouched, so
+        `unprepare` is exact. Already prepared: nothing to do."""
+        if self._merged is not None or self._format is not None:
             return
         if isinstance(self.linear, nn.Linear):
             w0 = self.linear.weight
             self._merged = (w0 + self.delta_weight()).astype(w0.dtype)
             mx.eval(self._merged)
-        else:
-            a, b, blocks = self._factors()
-            w0 = base_weight(self.linear)  # its dtype, not the scales' (uint8 in mxfp4/nvfp4)
-            self._delta = (_delta_blocks(w0, a, b, blocks, self.scale, w0.dtype), blocks)
-            mx.eval(self._delta[0])
+            return
+        if fmt not in (None, *PREPARED_FORMATS):
+            raise ConfigError(f"unknown prepared format {fmt!r}; choose from {PREPARED_FORMATS}")
+        self._format = fmt or self._fastest_format()
+        self._delta = self._delta_in(self._format)
+
+    def _delta_in(self, fmt: str):
+        """What `__call__` adds to a quantized base in `fmt` (None: the folded path)."""
+        if fmt == "folded":
+            return None
+        a, b, blocks = self._factors()
+        w0 = base_weight(self.linear)  # its dtype, not the scales' (uint8 in mxfp4/nvfp4)
+        delta = (_delta_blocks(w0, a, b, blocks, self.scale, w0.dtype, fmt), blocks)
+        mx.eval(delta[0])
+        return delta
+
+    def _fastest_format(self, rounds: int = 7) -> str:
+        """PREPARED_FORMATS' choice for this kind of layer on this device, timed on one
+        decoded token through this layer (median of `rounds` interleaved calls each)."""
+        base = self.linear
+        kind = (self.shape, self.num_blocks, self.rank, type(base).__name__, base.group_size,
+                base.bits, base.mode, base.scales.dtype, str(mx.default_device()))
+        if kind not in _FASTEST:
+            x = mx.random.normal((1, self.shape[1]), key=mx.random.key(0)).astype(
+                base_weight(base).dtype)
+            deltas = {f: self._delta_in(f) for f in PREPARED_FORMATS}
+            times = {f: [] for f in PREPARED_FORMATS}
+            for i in range(rounds + 1):  # the first round warms up
+                for f in PREPARED_FORMATS:
+                    self._delta = deltas[f]
+                    start = time.perf_counter()
+                    mx.eval(self(x))
+                    if i:
+                        times[f].append(time.perf_counter() - start)
+            self._delta = None
+            median = {f: float(np.median(t)) for f, t in times.items()}
+            best = min(median.values())
+            _FASTEST[kind] = next(f for f in PREPARED_FORMATS if median[f] <= FORMAT_MARGIN * best)
+        return _FASTEST[kind]
+
+    @property
+    def prepared_format(self) -> str | None:
+        """How `prepare` applies the update: "merged" (a float base), one of
+        PREPARED_FORMATS (a quantized base), or None (not prepared)."""
+        return "merged" if self._merged is not None else self._format
+
+    @property
+    def prepared_nbytes(self) -> int:
+        """Memory `prepare` added beside the base and the factors."""
+        arrays = [self._merged] if self._merged is not None else [
+            a for part in (self._delta[0] if self._delta else []) for a in part]
+        return sum(a.nbytes for a in arrays)
 
     def unprepare(self) -> None:
         """Back to computing from A, B and the base on every call (frees `prepare`'s arrays)."""
-        self._merged = self._delta = None
+        self._merged = self._delta = self._format = None
 
     def _factors(self) -> tuple[list, list, Blocks]:
         """(A list, B list, where the blocks sit) for the evaluations above.

@@ -2,6 +2,8 @@
 layers (a float64 NumPy reference per layer; the unprepared model per model), the base
 restored exactly, training untouched, and serve's switching."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -9,8 +11,10 @@ import pytest
 from mlx_lm.utils import dequantize_model
 
 import smoa_mlx
+import smoa_mlx.layer as layer_mod
+from smoa_mlx.errors import ConfigError
 from smoa_mlx.inference import prepare_for_inference
-from smoa_mlx.layer import SMoALinear, base_weight
+from smoa_mlx.layer import PREPARED_FORMATS, SMoALinear, base_weight
 from smoa_mlx.loader import load_model
 from smoa_mlx.patch import smoa_layers
 from smoa_mlx.plan import make_plan
@@ -33,9 +37,9 @@ def reference(layer: SMoALinear, x) -> np.ndarray:
 def quantized_delta_bound(layer: SMoALinear, x) -> np.ndarray:
     """Per output, the most a quantized base's prepared ΔW (8-bit affine groups within each
     block row) can move `x ΔW^T`: a weight is off by at most half its group's step
-    (range / 255), and a group's range is at most its row's. Zero for a float base,
+    (range / 255), and a group's range is at most its row's. Zero for the exact formats,
     which must match to float precision."""
-    if isinstance(layer.linear, nn.Linear):
+    if layer.prepared_format != "8bit":
         return 0.0
     delta = np.array(layer.delta_weight(), np.float64)
     step = (delta.max(axis=1) - delta.min(axis=1)) / 255
@@ -51,8 +55,10 @@ def random_layer(base, seed=0, num_blocks=2):
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 3])
-@pytest.mark.parametrize("quantized", [False, "affine", "mxfp4"])
-def test_prepared_layer_matches_float64_reference(num_blocks, quantized):
+@pytest.mark.parametrize("quantized,fmt", [(False, None), ("affine", "8bit"), ("affine", "float32"),
+                                           ("affine", "folded"), ("mxfp4", "8bit"),
+                                           ("mxfp4", "float32")])
+def test_prepared_layer_matches_float64_reference(num_blocks, quantized, fmt):
     base = nn.Linear(64, 96, bias=True)
     if quantized:  # mxfp4: uint8 scales, which the prepared update must not take as its dtype
         base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4, mode=quantized)
@@ -61,14 +67,48 @@ def test_prepared_layer_matches_float64_reference(num_blocks, quantized):
     for rows in (1, 3, 40):  # folded (decoding) and merged (prefill) row counts
         x = mx.random.normal((rows, 64))
         before = np.array(layer(x))
-        layer.prepare()
+        layer.prepare(fmt)
+        assert layer.prepared_format == (fmt or "merged")
         after = np.array(layer(x))
         ref = reference(layer, x)
         assert np.all(np.abs(after - ref) <= 1e-5 * np.abs(ref).max() + quantized_delta_bound(layer, x))
         layer.unprepare()
         assert np.array_equal(np.array(layer(x)), before)  # unprepared: bit for bit as before
     assert np.array_equal(np.array(base_weight(layer.linear).astype(mx.float32)), w0)  # the base untouched
-    assert layer._merged is None and layer._delta is None
+    assert layer._merged is None and layer._delta is None and layer.prepared_format is None
+
+
+def test_quantized_layer_takes_the_fastest_format(monkeypatch):
+    """Each kind of layer is timed once; a format adding memory must beat the cheaper ones
+    by FORMAT_MARGIN (the clock is faked: which format is fastest depends on the device)."""
+    clock, calls, real_call = [0.0], [], SMoALinear.__call__
+
+    def timed_call(self, x):
+        fmt = "folded" if self._delta is None else "float32" if len(self._delta[0][0]) == 1 else "8bit"
+        calls.append(fmt)
+        clock[0] += times[fmt]
+        return real_call(self, x)
+    monkeypatch.setattr(SMoALinear, "__call__", timed_call)
+    monkeypatch.setattr(layer_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def quantized_layer(seed):
+        return random_layer(nn.QuantizedLinear.from_linear(nn.Linear(64, 96), group_size=32, bits=4), seed)
+
+    for times, expected in (({"folded": 9.0, "8bit": 1.5, "float32": 1.0}, "float32"),
+                            ({"folded": 9.0, "8bit": 1.05, "float32": 1.0}, "8bit"),
+                            ({"folded": 1.09, "8bit": 1.5, "float32": 1.0}, "folded")):
+        monkeypatch.setattr(layer_mod, "_FASTEST", {})
+        calls.clear()
+        layer = quantized_layer(0)
+        layer.prepare()
+        assert layer.prepared_format == expected
+        assert calls == list(PREPARED_FORMATS) * 8  # a warm-up round and 7 timed ones
+        calls.clear()
+        other = quantized_layer(1)  # the same kind of layer: not timed again
+        other.prepare()
+        assert other.prepared_format == expected and calls == []
+    with pytest.raises(ConfigError, match="unknown prepared format 'int3'"):
+        quantized_layer(0).prepare("int3")
 
 
 def test_prepared_arrays_are_not_adapter_parameters():
@@ -113,7 +153,7 @@ def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapte
     tokens = list(range(3, 12))
     ref_tokens, ref = _greedy(model, tokens, 12), _logits(model, tokens)
     assert prepare_for_inference(model) == len(smoa_layers(model))  # quantized: kept, prepared
-    assert all(layer._delta is not None for layer in smoa_layers(model).values())
+    assert all(layer.prepared_format in PREPARED_FORMATS for layer in smoa_layers(model).values())
     assert _greedy(model, tokens, 12) == ref_tokens
     assert np.abs(_logits(model, tokens) - ref).max() <= 1e-4 * np.abs(ref).max()
 
@@ -143,8 +183,7 @@ def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter,
         got = _logits(model, tokens)
         if name == "base":
             assert np.array_equal(got, bare)  # restored bit for bit
-            assert not any(layer._merged is not None or layer._delta is not None
-                           for v in adapters.variants.values()
+            assert not any(layer.prepared_format is not None for v in adapters.variants.values()
                            for layer in smoa_layers_of(v))  # nothing prepared left behind
         else:
             error = np.abs(got - expected[name]).max()
@@ -153,7 +192,7 @@ def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter,
             else:
                 assert error <= 1e-5 * np.abs(expected[name]).max()
             active = smoa_layers_of(adapters.active)
-            assert active and all((layer._delta if quantized else layer._merged) is not None
+            assert active and all(layer.prepared_format in (PREPARED_FORMATS if quantized else ["merged"])
                                   for layer in active)
 
 
