@@ -59,7 +59,7 @@ def random_layer(base, seed=0, num_blocks=2):
                                            ("affine", "folded"), ("mxfp4", "8bit"),
                                            ("mxfp4", "float32")])
 def test_prepared_layer_matches_float64_reference(num_blocks, quantized, fmt):
-    base = nn.Linear(64, 96, bias=True)
+    base = nn.Linear(64, 100, bias=True)  # K = 3: blocks of 34/33/33 rows, 22/21/21 columns
     if quantized:  # mxfp4: uint8 scales, which the prepared update must not take as its dtype
         base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4, mode=quantized)
     layer = random_layer(base, num_blocks=num_blocks)
@@ -84,7 +84,7 @@ def test_quantized_layer_takes_the_fastest_format(monkeypatch):
     clock, calls, real_call = [0.0], [], SMoALinear.__call__
 
     def timed_call(self, x):
-        fmt = "folded" if self._delta is None else "float32" if len(self._delta[0][0]) == 1 else "8bit"
+        fmt = "folded" if self._delta is None else "float32" if len(self._delta.weights) == 1 else "8bit"
         calls.append(fmt)
         clock[0] += times[fmt]
         return real_call(self, x)
