@@ -430,9 +430,10 @@ class SMoALinear(nn.Module):
         mx.eval(delta.weights, delta.cols, delta.slots)
         return delta
 
-    def _fastest_format(self, rounds: int = 7) -> str:
-        """PREPARED_FORMATS' choice for this kind of layer on this device, timed on one
-        decoded token through this layer (median of `rounds` interleaved calls each)."""
+    def _fastest_format(self, rounds: int = 5, calls: int = 8) -> str:
+        """PREPARED_FORMATS' choice for this kind of layer on this device: the median over
+        `rounds` interleaved rounds of `calls` one-token calls evaluated together (as in a
+        model, where one evaluation's fixed cost is shared by every layer)."""
         base = self.linear
         kind = (self.shape, self.num_blocks, self.rank, type(base).__name__, base.group_size,
                 base.bits, base.mode, base.scales.dtype, str(mx.default_device()))
@@ -445,7 +446,7 @@ class SMoALinear(nn.Module):
                 for f in PREPARED_FORMATS:
                     self._delta = deltas[f]
                     start = time.perf_counter()
-                    mx.eval(self(x))
+                    mx.eval([self(x) for _ in range(calls)])
                     if i:
                         times[f].append(time.perf_counter() - start)
             self._delta = None
