@@ -13,8 +13,9 @@ pass); see docs/PERFORMANCE.md.
 `--decode` times one token instead (no gradients) on the Llama-1B projection shapes
 (`--smollm2`: SmolLM2-135M's): the base, SMoALinear as training leaves it (its folded
 path: one matmul of W0 with 1 + R rows, factors rebuilt per call), SMoALinear prepared
-for inference (`prepare`: a float base merged, a quantized one plus its blocks' ΔW_k at
-8 bits; `prepared MiB` is what that holds), and, for comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`
+for inference (`prepare`: a float base merged; a quantized one in the format it times
+fastest, `picked`, and in each of `layer.PREPARED_FORMATS` forced; `... MiB` is what each
+holds), and, for comparison, the factored update `sum_r B_k[:, r] ⊙ ((x_k ⊙ A_k[r]) M_k^T)`
 next to the base matmul with the anchors M_k stored, or rebuilt (de-quantized) on each
 call. `ops` counts the nodes of each variant's graph for one call (`mx.export_to_dot`).
 """

@@ -30,6 +30,7 @@ adds its update in whichever of `PREPARED_FORMATS` decodes fastest on this devic
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,11 +55,12 @@ FOLDED_MAX_ROWS = 64
 # logits within 0.5%; 4 bits 7%), or ΔW_k in float32 (exact; on a CPU, whose float matmul
 # outruns its quantized kernel, SmolLM2's layers decode at 0.93x the base's against 8 bits'
 # 0.65x and folding's 0.11x). Each kind of layer takes the fastest, measured once on this
-# device (`_fastest_format`), unless a format adding less memory is within FORMAT_MARGIN
-# of it (docs/PERFORMANCE.md).
+# device (`_fastest_format`), unless a format adding less memory costs at most
+# FORMAT_MARGIN of the base layer's time more; FORMAT_ENV pins one (docs/PERFORMANCE.md).
 PREPARED_FORMATS = ("folded", "8bit", "float32")
 DELTA_BITS, DELTA_GROUP = 8, 32
-FORMAT_MARGIN = 1.1
+FORMAT_MARGIN = 0.1
+FORMAT_ENV = "SMOA_MLX_PREPARED_FORMAT"
 _FASTEST: dict = {}  # layer kind -> format, for the process (serve re-prepares on switches)
 
 
@@ -243,16 +245,15 @@ class Prepared:
 
 
 def _prepared(w0, a_list, b_list, blocks: Blocks, scale, dtype, fmt: str) -> Prepared:
-    """`Prepared` in `fmt`: "float32", or "8bit" (in `dtype` where a block's width has
-    no group of DELTA_GROUP). Padding is exact: padded rows are never gathered back, and
-    padded columns meet zero weights."""
+    """`Prepared` in `fmt`: "float32", or "8bit" (blocks' widths a multiple of
+    DELTA_GROUP; scales in `dtype`). Padding is exact: padded rows are never gathered
+    back, and padded columns (only where the blocks' widths differ: float32) meet zero
+    weights."""
     ws = [_block_weight(a, b, m, scale, mx.float32) for a, b, m in zip(a_list, b_list, _anchors(w0, blocks))]
     out_max, in_max = max(w.shape[0] for w in ws), max(w.shape[1] for w in ws)
     stacked = mx.stack([mx.pad(w, [(0, out_max - w.shape[0]), (0, in_max - w.shape[1])]) for w in ws])
     if fmt == "float32":
         weights = (stacked,)
-    elif in_max % DELTA_GROUP:
-        weights = (stacked.astype(dtype),)
     else:
         q, s, z = mx.quantize(stacked, group_size=DELTA_GROUP, bits=DELTA_BITS)
         weights = (q, s.astype(dtype), z.astype(dtype))
@@ -406,53 +407,73 @@ class SMoALinear(nn.Module):
         """For inference: compute once what every call would rebuild, until `unprepare`
         (A and B must not change meanwhile): a float base gets `W0 + ΔW`, one plain
         matmul as the base's; a quantized base adds its update in `fmt`, one of
-        PREPARED_FORMATS (default: the fastest here). The base layer is untouched, so
-        `unprepare` is exact. Already prepared: nothing to do."""
-        if self._merged is not None or self._format is not None:
+        PREPARED_FORMATS (default: `SMOA_MLX_PREPARED_FORMAT`, else the fastest here;
+        "8bit" on blocks without whole groups of 32 columns: float32). The base layer
+        is untouched, so `unprepare` is exact."""
+        fmt = fmt or os.environ.get(FORMAT_ENV) or None
+        if fmt not in (None, *PREPARED_FORMATS):
+            raise ConfigError(f"unknown prepared format {fmt!r} (argument or {FORMAT_ENV}); "
+                              f"choose from {', '.join(PREPARED_FORMATS)}")
+        if self._merged is not None or self._format is not None and fmt in (None, self._format):
             return
+        self.unprepare()
         if isinstance(self.linear, nn.Linear):
             w0 = self.linear.weight
             self._merged = (w0 + self.delta_weight()).astype(w0.dtype)
             mx.eval(self._merged)
             return
-        if fmt not in (None, *PREPARED_FORMATS):
-            raise ConfigError(f"unknown prepared format {fmt!r}; choose from {PREPARED_FORMATS}")
+        if fmt is not None and fmt not in self._formats():
+            fmt = "float32"  # 8 bits without whole groups: the next format up
         self._format = fmt or self._fastest_format()
         self._delta = self._delta_in(self._format)
 
+    def _formats(self) -> tuple[str, ...]:
+        """The PREPARED_FORMATS this layer can take (8 bits: whole groups, no padding)."""
+        ok = len(set(self.in_sizes)) == 1 and self.in_sizes[0] % DELTA_GROUP == 0
+        return tuple(f for f in PREPARED_FORMATS if f != "8bit" or ok)
+
     def _delta_in(self, fmt: str):
-        """What `__call__` adds to a quantized base in `fmt` (None: the folded path)."""
-        if fmt == "folded":
-            return None
+        """What `__call__` adds to a quantized base in `fmt`: a `Prepared`, or the folded
+        path's factors (`_folded_factors`)."""
         a, b, blocks = self._factors()
+        if fmt == "folded":
+            delta = _folded_factors(a, b, blocks, self.scale)
+            mx.eval(delta)
+            return delta
         w0 = base_weight(self.linear)  # its dtype, not the scales' (uint8 in mxfp4/nvfp4)
         delta = _prepared(w0, a, b, blocks, self.scale, w0.dtype, fmt)
         mx.eval(delta.weights, delta.cols, delta.slots)
         return delta
 
     def _fastest_format(self, rounds: int = 5, calls: int = 8) -> str:
-        """PREPARED_FORMATS' choice for this kind of layer on this device: the median over
-        `rounds` interleaved rounds of `calls` one-token calls evaluated together (as in a
-        model, where one evaluation's fixed cost is shared by every layer)."""
+        """`_formats()`' choice for this kind of layer on this device. Each format's cost is
+        its time over the base layer's alone (`calls` one-token calls evaluated together,
+        medians of `rounds` interleaved rounds), so that one evaluation's fixed cost,
+        shared by every layer of a model, does not hide the differences."""
         base = self.linear
         kind = (self.shape, self.num_blocks, self.rank, type(base).__name__, base.group_size,
                 base.bits, base.mode, base.scales.dtype, str(mx.default_device()))
         if kind not in _FASTEST:
             x = mx.random.normal((1, self.shape[1]), key=mx.random.key(0)).astype(
                 base_weight(base).dtype)
-            deltas = {f: self._delta_in(f) for f in PREPARED_FORMATS}
-            times = {f: [] for f in PREPARED_FORMATS}
-            for i in range(rounds + 1):  # the first round warms up
-                for f in PREPARED_FORMATS:
-                    self._delta = deltas[f]
-                    start = time.perf_counter()
-                    mx.eval([self(x) for _ in range(calls)])
-                    if i:
-                        times[f].append(time.perf_counter() - start)
-            self._delta = None
-            median = {f: float(np.median(t)) for f, t in times.items()}
-            best = min(median.values())
-            _FASTEST[kind] = next(f for f in PREPARED_FORMATS if median[f] <= FORMAT_MARGIN * best)
+            formats = self._formats()
+            variants = {"base": None} | {f: self._delta_in(f) for f in formats}
+            times = {v: [] for v in variants}
+            try:
+                for i in range(rounds + 1):  # the first round warms up
+                    for v, delta in variants.items():
+                        self._delta = delta
+                        call = base if v == "base" else self
+                        start = time.perf_counter()
+                        mx.eval([call(x) for _ in range(calls)])
+                        if i:
+                            times[v].append(time.perf_counter() - start)
+            finally:
+                self._delta = None
+            median = {v: float(np.median(t)) for v, t in times.items()}
+            extra = {f: median[f] - median["base"] for f in formats}
+            least = min(extra.values())
+            _FASTEST[kind] = next(f for f in formats if extra[f] <= least + FORMAT_MARGIN * median["base"])
         return _FASTEST[kind]
 
     @property
@@ -464,8 +485,8 @@ class SMoALinear(nn.Module):
     @property
     def prepared_nbytes(self) -> int:
         """Memory `prepare` added beside the base and the factors."""
-        arrays = [self._merged] if self._merged is not None else (
-            list(self._delta.weights) if self._delta else [])
+        arrays = ([self._merged] if self._merged is not None else list(self._delta.weights)
+                  if isinstance(self._delta, Prepared) else list(self._delta or []))
         return sum(a.nbytes for a in arrays)
 
     def unprepare(self) -> None:
@@ -484,12 +505,13 @@ class SMoALinear(nn.Module):
             return a, b, WHOLE
         return self.smoa_a, self.smoa_b, self._blocks
 
-    def _path(self, x: mx.array) -> str:
+    def _path(self, x: mx.array, prepared: bool = False) -> str:
         """Which evaluation serves `x`: it depends on the number of rows and on whether
-        dropout is active (dropout > 0 in training mode) alone, so a layer without
-        dropout gives bitwise the same output in train and eval mode. One row always
-        folds: whatever the rank, that reads W0 once and builds nothing."""
-        if self.dropout is not None and self.training:
+        dropout is active (dropout > 0 in training mode, and not `prepared` for
+        inference) alone, so a layer without dropout gives bitwise the same output in
+        train and eval mode. One row always folds: whatever the rank, that reads W0 once
+        and builds nothing."""
+        if self.dropout is not None and self.training and not prepared:
             return "blocked"
         rows = x.size // x.shape[-1]
         if rows == 1 or rows * (1 + self.rank) <= FOLDED_MAX_ROWS:
@@ -499,13 +521,13 @@ class SMoALinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if self._merged is not None:
             return _add_bias(self.linear, x @ self._merged.T)
-        if self._delta is not None:
+        if isinstance(self._delta, Prepared):
             y = self.linear(x)
             return y + _prepared_update(x, self._delta).astype(y.dtype)
-        path = self._path(x)
+        path = self._path(x, prepared=self._delta is not None)
         a, b, blocks = self._factors()
         if path == "folded":
-            return _folded(self.linear, x, *_folded_factors(a, b, blocks, self.scale))
+            return _folded(self.linear, x, *(self._delta or _folded_factors(a, b, blocks, self.scale)))
         if path == "merged":
             return _add_bias(self.linear, _merged_matmul(self.linear, x, a, b, blocks, self.scale))
         x_in = x if self.dropout is None else self.dropout(x)

@@ -59,16 +59,18 @@ def random_layer(base, seed=0, num_blocks=2):
                                            ("affine", "folded"), ("mxfp4", "8bit"),
                                            ("mxfp4", "float32")])
 def test_prepared_layer_matches_float64_reference(num_blocks, quantized, fmt):
-    base = nn.Linear(64, 100, bias=True)  # K = 3: blocks of 34/33/33 rows, 22/21/21 columns
+    base = nn.Linear(192, 100, bias=True)  # K = 3: blocks of 34/33/33 rows (padded), 64 columns
     if quantized:  # mxfp4: uint8 scales, which the prepared update must not take as its dtype
         base = nn.QuantizedLinear.from_linear(base, group_size=32, bits=4, mode=quantized)
     layer = random_layer(base, num_blocks=num_blocks)
     w0 = np.array(base_weight(layer.linear).astype(mx.float32))  # bfloat16 in mxfp4: exact
     for rows in (1, 3, 40):  # folded (decoding) and merged (prefill) row counts
-        x = mx.random.normal((rows, 64))
+        x = mx.random.normal((rows, 192))
         before = np.array(layer(x))
         layer.prepare(fmt)
         assert layer.prepared_format == (fmt or "merged")
+        if fmt == "8bit":
+            assert len(layer._delta.weights) == 3  # quantized, not a float fallback
         after = np.array(layer(x))
         ref = reference(layer, x)
         assert np.all(np.abs(after - ref) <= 1e-5 * np.abs(ref).max() + quantized_delta_bound(layer, x))
@@ -78,25 +80,37 @@ def test_prepared_layer_matches_float64_reference(num_blocks, quantized, fmt):
     assert layer._merged is None and layer._delta is None and layer.prepared_format is None
 
 
+def quantized_layer(seed=0, d_in=64, num_blocks=2, dropout=0.0):
+    base = nn.QuantizedLinear.from_linear(nn.Linear(d_in, 96), group_size=32, bits=4)
+    mx.random.seed(seed)
+    layer = SMoALinear.from_base(base, rank=4, num_blocks=num_blocks, dropout=dropout, planner=make_plan)
+    layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
+    return layer
+
+
 def test_quantized_layer_takes_the_fastest_format(monkeypatch):
-    """Each kind of layer is timed once; a format adding memory must beat the cheaper ones
-    by FORMAT_MARGIN (the clock is faked: which format is fastest depends on the device)."""
-    clock, calls, real_call = [0.0], [], SMoALinear.__call__
+    """Each kind of layer is timed once; a format's cost is its time over the base layer's,
+    and one adding memory must save FORMAT_MARGIN of the base's time over the cheaper ones
+    (the clock is faked: which format is fastest depends on the device)."""
+    clock, calls = [0.0], []
+    real_call, real_base = SMoALinear.__call__, nn.QuantizedLinear.__call__
 
     def timed_call(self, x):
-        fmt = "folded" if self._delta is None else "float32" if len(self._delta.weights) == 1 else "8bit"
+        fmt = ("folded" if not isinstance(self._delta, layer_mod.Prepared)
+               else "float32" if len(self._delta.weights) == 1 else "8bit")
         calls.append(fmt)
         clock[0] += times[fmt]
         return real_call(self, x)
+
+    def timed_base(self, x):
+        clock[0] += 1.0
+        return real_base(self, x)
     monkeypatch.setattr(SMoALinear, "__call__", timed_call)
+    monkeypatch.setattr(nn.QuantizedLinear, "__call__", timed_base)
     monkeypatch.setattr(layer_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def quantized_layer(seed):
-        return random_layer(nn.QuantizedLinear.from_linear(nn.Linear(64, 96), group_size=32, bits=4), seed)
-
-    for times, expected in (({"folded": 9.0, "8bit": 1.5, "float32": 1.0}, "float32"),
-                            ({"folded": 9.0, "8bit": 1.05, "float32": 1.0}, "8bit"),
-                            ({"folded": 1.09, "8bit": 1.5, "float32": 1.0}, "folded")):
+    for times, expected in (({"folded": 8.0, "8bit": 0.5, "float32": 0.1}, "float32"),
+                            ({"folded": 8.0, "8bit": 0.19, "float32": 0.1}, "8bit"),
+                            ({"folded": 0.19, "8bit": 0.5, "float32": 0.1}, "folded")):
         monkeypatch.setattr(layer_mod, "_FASTEST", {})
         calls.clear()
         layer = quantized_layer(0)
@@ -107,8 +121,54 @@ def test_quantized_layer_takes_the_fastest_format(monkeypatch):
         other = quantized_layer(1)  # the same kind of layer: not timed again
         other.prepare()
         assert other.prepared_format == expected and calls == []
-    with pytest.raises(ConfigError, match="unknown prepared format 'int3'"):
-        quantized_layer(0).prepare("int3")
+    # blocks without whole 32-column groups (K = 3 of 64: 22/21/21) cannot take 8 bits
+    monkeypatch.setattr(layer_mod, "_FASTEST", {})
+    times = {"folded": 8.0, "8bit": 0.0, "float32": 0.1}
+    calls.clear()
+    narrow = quantized_layer(0, num_blocks=3)
+    narrow.prepare()
+    assert narrow.prepared_format == "float32" and "8bit" not in calls
+    narrow = quantized_layer(0, num_blocks=3)
+    narrow.prepare("8bit")  # asked for: the next format up
+    assert narrow.prepared_format == "float32"
+
+    def failing(self, x):  # a format that fails while being timed leaves nothing behind
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(layer_mod, "_FASTEST", {})
+    monkeypatch.setattr(SMoALinear, "__call__", failing)
+    layer = quantized_layer(0)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        layer.prepare()
+    assert layer._delta is None and layer.prepared_format is None
+
+
+def test_prepared_format_is_pinned_and_switched(monkeypatch):
+    layer = quantized_layer(0)
+    monkeypatch.setenv(layer_mod.FORMAT_ENV, "8bit")
+    layer.prepare()
+    assert layer.prepared_format == "8bit"
+    layer.prepare("float32")  # another format asked for: re-prepared
+    assert layer.prepared_format == "float32" and len(layer._delta.weights) == 1
+    layer.prepare()  # the pin asked again
+    assert layer.prepared_format == "8bit"
+    monkeypatch.delenv(layer_mod.FORMAT_ENV)
+    layer.prepare()  # nothing asked: kept as it is, not timed
+    assert layer.prepared_format == "8bit"
+    monkeypatch.setenv(layer_mod.FORMAT_ENV, "int3")
+    with pytest.raises(ConfigError, match="unknown prepared format 'int3' .*SMOA_MLX_PREPARED_FORMAT"):
+        quantized_layer(0).prepare()
+
+
+def test_prepared_folded_layer_ignores_dropout():
+    """Prepared for inference, dropout (active only in training mode) no longer applies."""
+    layer = quantized_layer(0, dropout=0.5)
+    x = mx.random.normal((1, 64))
+    layer.eval()
+    expected = np.array(layer(x))
+    layer.train()
+    layer.prepare("folded")
+    assert np.array_equal(np.array(layer(x)), np.array(layer(x)))
+    assert np.allclose(np.array(layer(x)), expected, atol=1e-5)
 
 
 def test_prepared_arrays_are_not_adapter_parameters():
@@ -144,7 +204,10 @@ def test_float_model_merged_keeps_no_copy_and_matches(tiny_model_dir, make_adapt
     assert _greedy(model, tokens[:5], 8) == _greedy(reference_model, tokens[:5], 8)
 
 
-def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapter, tmp_path):
+@pytest.mark.parametrize("fmt", PREPARED_FORMATS)
+def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapter, tmp_path, fmt,
+                                                     monkeypatch):
+    monkeypatch.setenv(layer_mod.FORMAT_ENV, fmt)
     adapter = make_adapter(tiny_model_dir, tmp_path / "a", b=0.05)
     model, _ = smoa_mlx.load(str(tiny_model_dir))
     nn.quantize(model, group_size=32, bits=4)
@@ -153,7 +216,8 @@ def test_quantized_model_prepared_same_greedy_tokens(tiny_model_dir, make_adapte
     tokens = list(range(3, 12))
     ref_tokens, ref = _greedy(model, tokens, 12), _logits(model, tokens)
     assert prepare_for_inference(model) == len(smoa_layers(model))  # quantized: kept, prepared
-    assert all(layer.prepared_format in PREPARED_FORMATS for layer in smoa_layers(model).values())
+    formats = [layer.prepared_format for layer in smoa_layers(model).values()]
+    assert fmt in formats and set(formats) <= {fmt, "float32"}  # down_proj's 80-wide blocks: no 8 bits
     assert _greedy(model, tokens, 12) == ref_tokens
     assert np.abs(_logits(model, tokens) - ref).max() <= 1e-4 * np.abs(ref).max()
 
@@ -168,8 +232,11 @@ def _fresh(path, quantized: bool, adapter=None):
     return model
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter, tmp_path, quantized):
+@pytest.mark.parametrize("quantized", [False, *PREPARED_FORMATS])  # quantized: in each format
+def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter, tmp_path, quantized,
+                                                   monkeypatch):
+    if quantized:
+        monkeypatch.setenv(layer_mod.FORMAT_ENV, quantized)
     root = tmp_path / "dir"
     for name, seed in (("a", 1), ("b", 2)):
         make_adapter(tiny_model_dir, root / name, seed=seed)
@@ -187,13 +254,13 @@ def test_serve_switching_restores_the_base_exactly(tiny_model_dir, make_adapter,
                            for layer in smoa_layers_of(v))  # nothing prepared left behind
         else:
             error = np.abs(got - expected[name]).max()
-            if quantized:  # ΔW_k at 8 bits: the adapter's effect kept within 1%
+            if quantized:  # 8 bits: the adapter's effect kept within 1%; the others exact
                 assert error <= 1e-2 * np.abs(expected[name] - bare).max()
             else:
                 assert error <= 1e-5 * np.abs(expected[name]).max()
             active = smoa_layers_of(adapters.active)
-            assert active and all(layer.prepared_format in (PREPARED_FORMATS if quantized else ["merged"])
-                                  for layer in active)
+            formats = {layer.prepared_format for layer in active}
+            assert (quantized or "merged") in formats and formats <= {quantized or "merged", "float32"}
 
 
 def smoa_layers_of(variant):
