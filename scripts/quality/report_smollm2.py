@@ -157,6 +157,12 @@ def comparisons(results, it, names) -> list[str]:
             if c is not None:
                 lines.append(f"- {it} steps, {name}: {a} vs {b} ({why}): held-out {c['a']:.3f} vs "
                              f"{c['b']:.3f}, {verdict(c)}.")
+            default = proto.DEFAULT_RATE[a]
+            d = compare(results, it, name, a, b, "default", "best")
+            if c is not None and d is not None and results["best"].get((it, name, a)) != default:
+                lines.append(f"  - {a} at its default rate ({fmt_lr(default)}; the best rate was chosen by "
+                             f"the first seed's validation loss on 32 examples) vs {b} at its best: held-out "
+                             f"{d['a']:.3f} vs {d['b']:.3f}, {verdict(d)}.")
         ra, rb = finals(results, it, "commonsense", a), finals(results, it, "commonsense", b)
         if ra and rb:
             (ma, sa), (mb, sb) = (mean_std(_acc(r, proto.TRAIN_TASKS) for r in x) for x in (ra, rb))

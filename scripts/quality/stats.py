@@ -58,9 +58,11 @@ def held_out(results, it, ds, label, which="best") -> float:
     return mean_std(r["test_loss"] for r in finals(results, it, ds, label, which))[0]
 
 
-def compare(results, it: int, ds: str, a: str, b: str, which: str = "best") -> dict | None:
-    """Held-out loss of method `a` minus `b`, and the gap in units of the pooled seed std."""
-    ra, rb = finals(results, it, ds, a, which), finals(results, it, ds, b, which)
+def compare(results, it: int, ds: str, a: str, b: str, which: str = "best",
+            which_b: str | None = None) -> dict | None:
+    """Held-out loss of method `a` minus `b` (`a` at its `which` rate, `b` at its
+    `which_b`, by default the same), and the gap in units of the pooled seed std."""
+    ra, rb = finals(results, it, ds, a, which), finals(results, it, ds, b, which_b or which)
     if not ra or not rb:
         return None
     (ma, sa), (mb, sb) = mean_std(r["test_loss"] for r in ra), mean_std(r["test_loss"] for r in rb)
