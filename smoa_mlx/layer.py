@@ -505,18 +505,19 @@ class SMoALinear(nn.Module):
             return a, b, WHOLE
         return self.smoa_a, self.smoa_b, self._blocks
 
-    def _path(self, x: mx.array, prepared: bool = False) -> str:
+    def _path(self, x: mx.array) -> str:
         """Which evaluation serves `x`: it depends on the number of rows and on whether
-        dropout is active (dropout > 0 in training mode, and not `prepared` for
-        inference) alone, so a layer without dropout gives bitwise the same output in
-        train and eval mode. One row always folds: whatever the rank, that reads W0 once
-        and builds nothing."""
-        if self.dropout is not None and self.training and not prepared:
+        dropout is active (dropout > 0 in training mode) alone, so a layer without
+        dropout gives bitwise the same output in train and eval mode."""
+        if self.dropout is not None and self.training:
             return "blocked"
+        return "folded" if self._folds(x) else "merged"
+
+    def _folds(self, x: mx.array) -> bool:
+        """Few rows take the folded path. One row always does: whatever the rank, that
+        reads W0 once and builds nothing."""
         rows = x.size // x.shape[-1]
-        if rows == 1 or rows * (1 + self.rank) <= FOLDED_MAX_ROWS:
-            return "folded"
-        return "merged"
+        return rows == 1 or rows * (1 + self.rank) <= FOLDED_MAX_ROWS
 
     def __call__(self, x: mx.array) -> mx.array:
         if self._merged is not None:
@@ -524,7 +525,10 @@ class SMoALinear(nn.Module):
         if isinstance(self._delta, Prepared):
             y = self.linear(x)
             return y + _prepared_update(x, self._delta).astype(y.dtype)
-        path = self._path(x, prepared=self._delta is not None)
+        if self._delta is not None:  # prepared folded, for inference: no dropout
+            path = "folded" if self._folds(x) else "merged"
+        else:
+            path = self._path(x)
         a, b, blocks = self._factors()
         if path == "folded":
             return _folded(self.linear, x, *(self._delta or _folded_factors(a, b, blocks, self.scale)))
