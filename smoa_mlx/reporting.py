@@ -79,12 +79,12 @@ def tracking(report_to: str | None, project_name: str | None, log_dir: Path, con
     """Yields mlx-lm's reporting callback for `report_to` on rank 0 (`main`), else None;
     the service's run is finished on the way out (mlx-lm leaves that to the process's
     exit, which a Python caller training twice would not reach). The services are
-    imported only here: mlx-lm's module imports them."""
+    imported only here: mlx-lm's module imports them (`require_trackers`, which the
+    trainer calls before any work, says what a missing one needs)."""
     names = trackers(report_to)
     if not names or not main:
         yield None
         return
-    require_trackers(report_to)
     from mlx_lm.tuner.callbacks import get_reporting_callbacks
 
     callback = get_reporting_callbacks(",".join(names), project_name=project_name,

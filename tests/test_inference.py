@@ -46,9 +46,9 @@ def quantized_delta_bound(layer: SMoALinear, x) -> np.ndarray:
     return np.abs(np.array(x, np.float64)).sum(axis=-1, keepdims=True) * step / 2
 
 
-def random_layer(base, seed=0, num_blocks=2):
+def random_layer(base, seed=0, num_blocks=2, dropout=0.0):
     mx.random.seed(seed)
-    layer = SMoALinear.from_base(base, rank=4, num_blocks=num_blocks, planner=make_plan)
+    layer = SMoALinear.from_base(base, rank=4, num_blocks=num_blocks, dropout=dropout, planner=make_plan)
     layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
     layer.eval()
     return layer
@@ -80,12 +80,9 @@ def test_prepared_layer_matches_float64_reference(num_blocks, quantized, fmt):
     assert layer._merged is None and layer._delta is None and layer.prepared_format is None
 
 
-def quantized_layer(seed=0, d_in=64, num_blocks=2, dropout=0.0):
-    base = nn.QuantizedLinear.from_linear(nn.Linear(d_in, 96), group_size=32, bits=4)
-    mx.random.seed(seed)
-    layer = SMoALinear.from_base(base, rank=4, num_blocks=num_blocks, dropout=dropout, planner=make_plan)
-    layer.smoa_b = [mx.random.normal(b.shape) for b in layer.smoa_b]
-    return layer
+def quantized_layer(seed=0, num_blocks=2, dropout=0.0):
+    base = nn.QuantizedLinear.from_linear(nn.Linear(64, 96), group_size=32, bits=4)
+    return random_layer(base, seed, num_blocks, dropout)
 
 
 def test_quantized_layer_takes_the_fastest_format(monkeypatch):
