@@ -55,7 +55,7 @@ FOLDED_MAX_ROWS = 64
 # logits within 0.5%; 4 bits 7%), or ΔW_k in float32 (exact; on a CPU, whose float matmul
 # outruns its quantized kernel, SmolLM2's layers decode at 0.93x the base's against 8 bits'
 # 0.65x and folding's 0.11x). Each kind of layer takes the fastest, measured once on this
-# device (`_fastest_format`), unless a format adding less memory costs at most
+# device (`SMoALinear._fastest`), unless a format adding less memory costs at most
 # FORMAT_MARGIN of the base layer's time more; FORMAT_ENV pins one (docs/PERFORMANCE.md).
 PREPARED_FORMATS = ("folded", "8bit", "float32")
 DELTA_BITS, DELTA_GROUP = 8, 32
@@ -232,6 +232,18 @@ def _folded(base, x, a_ext, b_ext) -> mx.array:
 
 
 @dataclass(frozen=True)
+class Folded:
+    """A quantized base's prepared folded update: `_folded_factors`, computed once."""
+
+    a_ext: mx.array
+    b_ext: mx.array
+
+    @property
+    def arrays(self) -> tuple:
+        return (self.a_ext, self.b_ext)
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A quantized base's prepared update (`_prepared`): the K blocks' ΔW_k zero-padded
     to one size and stacked, (K, out_max, in_max), so that a call is one gather of x,
@@ -242,6 +254,10 @@ class Prepared:
     cols: mx.array | None  # (K * in_max,) x's columns in block order (padding: column 0)
     slots: mx.array | None  # (d_out,) each output's place among the K * out_max block outputs
     experts: mx.array  # arange(K): the 8-bit matmul's index of each block
+
+    @property
+    def arrays(self) -> tuple:
+        return self.weights
 
 
 def _prepared(w0, a_list, b_list, blocks: Blocks, scale, dtype, fmt: str) -> Prepared:
@@ -424,57 +440,57 @@ class SMoALinear(nn.Module):
             return
         if fmt is not None and fmt not in self._formats():
             fmt = "float32"  # 8 bits without whole groups: the next format up
-        self._format = fmt or self._fastest_format()
-        self._delta = self._delta_in(self._format)
+        self._format, self._delta = (fmt, self._delta_in(fmt)) if fmt else self._fastest()
 
     def _formats(self) -> tuple[str, ...]:
         """The PREPARED_FORMATS this layer can take (8 bits: whole groups, no padding)."""
         ok = len(set(self.in_sizes)) == 1 and self.in_sizes[0] % DELTA_GROUP == 0
         return tuple(f for f in PREPARED_FORMATS if f != "8bit" or ok)
 
-    def _delta_in(self, fmt: str):
-        """What `__call__` adds to a quantized base in `fmt`: a `Prepared`, or the folded
-        path's factors (`_folded_factors`)."""
+    def _delta_in(self, fmt: str) -> Folded | Prepared:
+        """What `__call__` adds to a quantized base in `fmt`."""
         a, b, blocks = self._factors()
         if fmt == "folded":
-            delta = _folded_factors(a, b, blocks, self.scale)
-            mx.eval(delta)
+            delta = Folded(*_folded_factors(a, b, blocks, self.scale))
+            mx.eval(delta.arrays)
             return delta
         w0 = base_weight(self.linear)  # its dtype, not the scales' (uint8 in mxfp4/nvfp4)
         delta = _prepared(w0, a, b, blocks, self.scale, w0.dtype, fmt)
         mx.eval(delta.weights, delta.cols, delta.slots)
         return delta
 
-    def _fastest_format(self, rounds: int = 5, calls: int = 8) -> str:
-        """`_formats()`' choice for this kind of layer on this device. Each format's cost is
-        its time over the base layer's alone (`calls` one-token calls evaluated together,
-        medians of `rounds` interleaved rounds), so that one evaluation's fixed cost,
-        shared by every layer of a model, does not hide the differences."""
+    def _fastest(self, rounds: int = 5, calls: int = 8) -> tuple[str, Folded | Prepared]:
+        """`_formats()`' choice for this kind of layer on this device, and its update (the
+        one timed, when this call timed them). Each format's cost is its time over the base
+        layer's alone (`calls` one-token calls evaluated together, medians of `rounds`
+        interleaved rounds), so that one evaluation's fixed cost, shared by every layer of
+        a model, does not hide the differences."""
         base = self.linear
         kind = (self.shape, self.num_blocks, self.rank, type(base).__name__, base.group_size,
                 base.bits, base.mode, base.scales.dtype, str(mx.default_device()))
-        if kind not in _FASTEST:
-            x = mx.random.normal((1, self.shape[1]), key=mx.random.key(0)).astype(
-                base_weight(base).dtype)
-            formats = self._formats()
-            variants = {"base": None} | {f: self._delta_in(f) for f in formats}
-            times = {v: [] for v in variants}
-            try:
-                for i in range(rounds + 1):  # the first round warms up
-                    for v, delta in variants.items():
-                        self._delta = delta
-                        call = base if v == "base" else self
-                        start = time.perf_counter()
-                        mx.eval([call(x) for _ in range(calls)])
-                        if i:
-                            times[v].append(time.perf_counter() - start)
-            finally:
-                self._delta = None
-            median = {v: float(np.median(t)) for v, t in times.items()}
-            extra = {f: median[f] - median["base"] for f in formats}
-            least = min(extra.values())
-            _FASTEST[kind] = next(f for f in formats if extra[f] <= least + FORMAT_MARGIN * median["base"])
-        return _FASTEST[kind]
+        if kind in _FASTEST:
+            return _FASTEST[kind], self._delta_in(_FASTEST[kind])
+        x = mx.random.normal((1, self.shape[1]), key=mx.random.key(0)).astype(
+            base_weight(base).dtype)
+        formats = self._formats()
+        variants = {"base": None} | {f: self._delta_in(f) for f in formats}
+        times = {v: [] for v in variants}
+        try:
+            for i in range(rounds + 1):  # the first round warms up
+                for v, delta in variants.items():
+                    self._delta = delta
+                    call = base if v == "base" else self
+                    start = time.perf_counter()
+                    mx.eval([call(x) for _ in range(calls)])
+                    if i:
+                        times[v].append(time.perf_counter() - start)
+        finally:
+            self._delta = None
+        median = {v: float(np.median(t)) for v, t in times.items()}
+        extra = {f: median[f] - median["base"] for f in formats}
+        least = min(extra.values())
+        _FASTEST[kind] = next(f for f in formats if extra[f] <= least + FORMAT_MARGIN * median["base"])
+        return _FASTEST[kind], variants[_FASTEST[kind]]
 
     @property
     def prepared_format(self) -> str | None:
@@ -485,8 +501,7 @@ class SMoALinear(nn.Module):
     @property
     def prepared_nbytes(self) -> int:
         """Memory `prepare` added beside the base and the factors."""
-        arrays = ([self._merged] if self._merged is not None else list(self._delta.weights)
-                  if isinstance(self._delta, Prepared) else list(self._delta or []))
+        arrays = [self._merged] if self._merged is not None else self._delta.arrays if self._delta else []
         return sum(a.nbytes for a in arrays)
 
     def unprepare(self) -> None:
@@ -525,13 +540,11 @@ class SMoALinear(nn.Module):
         if isinstance(self._delta, Prepared):
             y = self.linear(x)
             return y + _prepared_update(x, self._delta).astype(y.dtype)
-        if self._delta is not None:  # prepared folded, for inference: no dropout
-            path = "folded" if self._folds(x) else "merged"
-        else:
-            path = self._path(x)
+        folded = self._delta  # a Folded (prepared, for inference: no dropout), or None
+        path = ("folded" if self._folds(x) else "merged") if folded else self._path(x)
         a, b, blocks = self._factors()
         if path == "folded":
-            return _folded(self.linear, x, *(self._delta or _folded_factors(a, b, blocks, self.scale)))
+            return _folded(self.linear, x, *(folded.arrays if folded else _folded_factors(a, b, blocks, self.scale)))
         if path == "merged":
             return _add_bias(self.linear, _merged_matmul(self.linear, x, a, b, blocks, self.scale))
         x_in = x if self.dropout is None else self.dropout(x)

@@ -105,14 +105,22 @@ def test_quantized_layer_takes_the_fastest_format(monkeypatch):
     monkeypatch.setattr(SMoALinear, "__call__", timed_call)
     monkeypatch.setattr(nn.QuantizedLinear, "__call__", timed_base)
     monkeypatch.setattr(layer_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    built, real_delta_in = [], SMoALinear._delta_in
+
+    def counted_delta_in(self, fmt):
+        built.append(fmt)
+        return real_delta_in(self, fmt)
+    monkeypatch.setattr(SMoALinear, "_delta_in", counted_delta_in)
     for times, expected in (({"folded": 8.0, "8bit": 0.5, "float32": 0.1}, "float32"),
                             ({"folded": 8.0, "8bit": 0.19, "float32": 0.1}, "8bit"),
                             ({"folded": 0.19, "8bit": 0.5, "float32": 0.1}, "folded")):
         monkeypatch.setattr(layer_mod, "_FASTEST", {})
         calls.clear()
+        built.clear()
         layer = quantized_layer(0)
         layer.prepare()
         assert layer.prepared_format == expected
+        assert built == list(PREPARED_FORMATS)  # each built once: the one timed is kept
         assert calls == [f for f in PREPARED_FORMATS for _ in range(8)] * 6  # warm-up + 5 rounds of 8
         calls.clear()
         other = quantized_layer(1)  # the same kind of layer: not timed again
