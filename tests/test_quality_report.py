@@ -118,6 +118,7 @@ def test_the_smollm2_record_resumes_and_renders_a_partial_section(tiny_model_dir
     assert text.startswith("# stories260K study\n\nkept\n") and "**PARTIAL: 0 of" in text
     assert "| commonsense | LoRA r=8 | 100 | 2e-4 → — | 1e-3/3e-3/1e-2 → **3e-3** | 1.610 ± 0.010 (n=3) |" in text
     assert "| commonsense | base model | 0 | | | 4.000 | | 0.250 | 0.250 | | |" in text
+    assert "| method | self_attn.q_proj (cap 64) |\n|---|---|\n| LoRA r=8 | 8.0 / 6.0 |\n" in text  # ranks
     report_smollm2.write_section(out, path, [ds], tiny_model_dir)  # replaced, not appended
     assert out.read_text() == text
     # --quick: retrained runs against the record's runs of the same key.

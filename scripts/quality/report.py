@@ -119,7 +119,7 @@ def sweep_table(results, iters, datasets, labels) -> str:
 
 
 def rank_table(results, it, ds: str, labels) -> str:
-    """Per module type, both measures (mean over the 5 layers and the seeds) per method."""
+    """Per module type, both measures (mean over the layers and the seeds) per method."""
     types, caps, rows = None, None, []
     for label in labels:
         runs = finals(results, it, ds, label)

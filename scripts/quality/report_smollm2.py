@@ -16,7 +16,7 @@ from .protocol import extension, fmt_lr
 from .runs import data_digest
 from .stats import clear, compare, default_cost, finals, mean_std, pm, sweep, verdict
 
-from .report import KEPT_BEGIN as BEGIN
+from .report import KEPT_BEGIN as BEGIN, rank_table
 
 END = "<!-- smollm2 section end -->"
 PAIRS = (
@@ -253,7 +253,10 @@ def write_section(path: Path, record: Path, datasets, model_path: Path) -> None:
             continue
         body += [f"### {it} steps", "", main_table(results, it, its), ""]
         if any(finals(results, it, "commonsense", m) for m in proto.METHODS):
-            body += ["Commonsense accuracy per task at the best rate:", "", task_table(results, it), ""]
+            body += ["Commonsense accuracy per task at the best rate:", "", task_table(results, it), "",
+                     "Effective rank of the learned ΔW by module type, commonsense at the best rate "
+                     "(rank>1% / entropy rank, mean over the 30 layers and the seeds; cap = min(d_out, d_in)):",
+                     "", rank_table(results, it, "commonsense", proto.METHODS), ""]
         body += comparisons(results, it, its) + ["", targets(results, it, its), ""]
     sweeps = [line for it in proto.ITERS for line in sweep_lines(results, it, names)]
     if sweeps:
