@@ -24,6 +24,7 @@ PAIRS = (
     ("SMoA r=16 K=2", "LoRA r=8", "equal parameters"),
     ("HiRA r=8", "LoRA r=8", "equal parameters; one block"),
     ("DoRA r=8", "LoRA r=8", "DoRA's magnitude vector"),
+    ("SMoA r=8 K=2", "DoRA r=8", "the paper's other baseline, at half its parameters"),
 )
 
 
