@@ -177,8 +177,8 @@ def run_smollm2(args) -> int:
     labels = args.methods or list(smollm2.QUICK["methods"] if args.quick else smollm2.METHODS)
     iters = args.iters or ([smollm2.QUICK["iters"]] if args.quick else list(smollm2.ITERS))
     _, tokenizer = load(str(model_path))
-    # The report covers the whole record, whichever subset this invocation trains.
-    datasets = [smollm2.prepare(n, src, work / "data", tokenizer) for n in smollm2.DATASETS]
+    # The report covers the whole record, whichever subset this invocation trains (--quick writes none).
+    datasets = [smollm2.prepare(n, src, work / "data", tokenizer) for n in (names if args.quick else smollm2.DATASETS)]
     results = None
     if not args.report_only:
         seeds = smollm2.SEEDS[:1] if args.quick else tuple(range(args.seeds))
