@@ -90,6 +90,10 @@ def test_moe_adapter_without_experts_converts(model_type, tmp_path):
     assert len(paths) == 2 * len(MOE_KEYS[model_type])
     round_trip("smoa", base_dir, tmp_path / "ad", logits, tmp_path)
     round_trip("hira", base_dir, tmp_path / "ad", logits, tmp_path)
+    round_trip("lora", base_dir, tmp_path / "ad", logits, tmp_path, rank=32)  # exact at full rank
+    # PEFT >= 0.22 reads a bare up_proj / down_proj on qwen2_moe as the fused experts too
+    config = json.loads((tmp_path / "ad-lora" / "adapter_config.json").read_text())
+    assert not {"up_proj", "down_proj"} & set(config["target_modules"]) and config["target_parameters"] is None
 
 
 @pytest.mark.parametrize("model_type,keys", [("qwen3_moe", None), ("mixtral", None),

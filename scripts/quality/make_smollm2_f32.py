@@ -19,6 +19,8 @@ RECORDED = "d5dffeec8103b4e3"  # the config hash in records/smollm2.jsonl
 
 def main(gguf=GGUF, out="/work/cache/smollm2-f32") -> None:
     gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise SystemExit(f"{gguf}: no such file; ../shared/tools/smollm2-gguf.sh fetches it (or pass its path)")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None
     model.save_pretrained(out)

@@ -7,7 +7,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from ..archs import model_type
 from ..layer import adapter_layers, base_weight
+from ..layouts.names import target_modules
 
 
 def linear_shapes(model: nn.Module, experts: bool = False) -> dict[str, tuple[int, ...]]:
@@ -28,6 +30,12 @@ def linear_shapes(model: nn.Module, experts: bool = False) -> dict[str, tuple[in
         elif isinstance(m, plain):
             shapes[path] = tuple(m.weight.shape)
     return shapes
+
+
+def peft_target_modules(model: nn.Module, selected) -> list[str] | str:
+    """The PEFT `target_modules` entry of adapted linear layers `selected` of `model`."""
+    return target_modules(selected, list(linear_shapes(model)), model_type(model),
+                          experts=list(linear_shapes(model, experts=True)))
 
 
 def float32_weights(model, paths, rounded_to: str | None = None) -> dict[str, np.ndarray]:

@@ -16,10 +16,10 @@ from ..adapters import save_adapter, smoa_config
 from ..archs import model_type
 from ..patch import apply_smoa, smoa_layers
 from ..errors import AdapterError
-from ..layouts.names import peft_key, target_modules
+from ..layouts.names import peft_key
 from ..layouts.peft_io import PeftConfig, PeftDir, factor_shapes, write_peft_dir
 from ..layouts.tensors import pad_rank
-from .base import linear_shapes
+from .base import linear_shapes, peft_target_modules
 
 PEFT_TYPE = "HIRA"
 
@@ -80,7 +80,7 @@ def export_hira(model, base: str, out_dir, log=print) -> dict:
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base,
         "r": params["rank"],
-        "target_modules": target_modules(layers, list(linear_shapes(model)), mt),
+        "target_modules": peft_target_modules(model, layers),
         "hira_dropout": params["dropout"],
         "fan_in_fan_out": False,
         "init_weights": True,

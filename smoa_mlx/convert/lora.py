@@ -37,7 +37,7 @@ from ..layouts.names import hf_expert, peft_key, peft_param_key, select_targets,
 from ..layouts.peft_io import PeftDir, factor_shapes, write_peft_dir
 from ..layouts.tensors import pad_rank, write_tensors
 from ..switch import SMoASwitchLinear
-from .base import linear_shapes
+from .base import linear_shapes, peft_target_modules
 
 PEFT_TYPE = "LORA"
 UNSUPPORTED = {
@@ -192,7 +192,7 @@ def export_lora(model, base: str, out_dir, rank=None, log=print) -> dict:
         "lora_alpha": rank,
         "use_rslora": False,
         "lora_dropout": dropout,
-        "target_modules": target_modules(dense, list(linear_shapes(model)), mt) if dense else None,
+        "target_modules": peft_target_modules(model, dense) if dense else None,
         "target_parameters": target_modules(experts, list(expert_params(model)), mt) if experts else None,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -15,11 +15,11 @@ import numpy as np
 
 from ..adapters import save_adapter, smoa_config
 from ..archs import model_type
-from ..layouts.names import peft_key, target_modules
+from ..layouts.names import peft_key
 from ..layouts.peft_io import PeftDir, write_peft_dir
 from ..layouts.smoa import ORDERS, PEFT_TYPE, block_key, describe_gaps, plan_orders, read_smoa
 from ..patch import apply_smoa, smoa_layers
-from .base import float32_weights, linear_shapes
+from .base import float32_weights, linear_shapes, peft_target_modules
 
 
 # The dtypes the authors' loader loads the base in: bfloat16 is its default.
@@ -85,7 +85,7 @@ def export_smoa(model, base: str, out_dir, log=print) -> dict:
         "branch_ranks": params["branch_ranks"],
         "lora_alpha": _number(params["alpha"]),
         "lora_dropout": params["dropout"],
-        "target_modules": target_modules(layers, list(linear_shapes(model)), mt),
+        "target_modules": peft_target_modules(model, layers),
         "fan_in_fan_out": False,
         "bias": "none",
         "modules_to_save": None,

@@ -162,13 +162,24 @@ def select_targets(paths, targets, exclude=None, layers=None, layers_pattern=Non
     return selected
 
 
-def target_modules(selected, paths, model_type: str | None) -> list[str] | str:
+def _short(path: str, reserved) -> str:
+    parent, leaf = path.rsplit(".", 1)
+    return f"{parent.rsplit('.', 1)[-1]}.{leaf}" if leaf in reserved else leaf
+
+
+def target_modules(selected, paths, model_type: str | None, experts=()) -> list[str] | str:
     """The config entry for mlx-lm modules `selected` among `paths`, in transformers names:
     short names when they select exactly it (within SCOPE, as a regex, for a wrapper model
-    whose other modules mlx-lm never sees), else full paths."""
+    whose other modules mlx-lm never sees), else full paths.
+
+    A short name that is also a leaf of the model's MoE `experts` (mlx-lm's switch_mlp.up_proj,
+    transformers 4's experts.N.up_proj) keeps its parent (`shared_expert.up_proj`): PEFT >= 0.22
+    maps a bare `up_proj` onto transformers 5's fused experts too, and refuses it without `gate_proj`.
+    """
+    reserved = {p.rsplit(".", 1)[-1] for p in experts}
     selected = [hf_path(p, model_type) for p in selected]
     paths = [hf_path(p, model_type) for p in paths]
-    short = sorted({p.rsplit(".", 1)[-1] for p in selected})
+    short = sorted({_short(p, reserved) for p in selected})
     scope = SCOPE.get(model_type)
     entry = short if scope is None else rf"{re.escape(scope)}\..*\.({'|'.join(map(re.escape, short))})"
     if set(select_targets(paths, entry)) == set(selected):
