@@ -7,6 +7,7 @@ model's own chat template does."""
 import json
 import re
 import shutil
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -201,11 +202,20 @@ def export(fused_dir, dtype) -> str:
 
 def llama_cpp(path, **kw):
     """llama.cpp on `path`, its KV cache in F32 (its default F16 would round K and V to 2^-11,
-    hiding errors of the file smaller than that)."""
+    hiding errors of the file smaller than that), the weights in its plain CPU buffers
+    (`use_extra_bufts` off): its AMX kernels segfault on Sapphire Rapids CPUs, the official
+    SmolLM2 Q4_1 file included (ggml-org/llama.cpp#20824), and llama-cpp-python has no flag."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(model_path=path, n_threads=2, verbose=False, **{"n_ctx": 64, "type_k": f32,
-                                                                           "type_v": f32, **kw})
+    f32, default = llama_cpp.GGML_TYPE_F32, llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
+        return llama_cpp.Llama(model_path=path, n_threads=2, verbose=False,
+                               **{"n_ctx": 64, "type_k": f32, "type_v": f32, **kw})
 
 
 def llama_cpp_logits(path, tokens=TOKENS) -> np.ndarray:
