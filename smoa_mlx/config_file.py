@@ -177,8 +177,10 @@ def mlx_lm_settings(o) -> str | None:
     shown = {k: mapped[k] if k in mapped else getattr(o, k) for k in CONFIG_DEFAULTS
              if k in mapped or (k in FIELDS and k not in _INVOCATION)}
     text = ", ".join(f"{k}: {_brief(v)}" for k, v in shown.items() if v is not None)
-    return textwrap.fill(f"mlx-lm config {o.config} (keys it leaves out take mlx_lm.lora's "
-                         f"defaults): {text}", width=100, subsequent_indent="  ")
+    # The path on a line of its own, unbroken, so it can be copied.
+    return (f"mlx-lm config {o.config} (keys it leaves out take mlx_lm.lora's defaults):\n"
+            + textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="  ",
+                            break_on_hyphens=False))
 
 
 def _brief(value) -> str:

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
 from smoa_mlx import apply_smoa, save_adapter
@@ -310,10 +311,13 @@ def test_llama_cpp_logits_match_the_fused_model(model_type, dtype, fused):
 
 
 def greedy_mlx(model, prompt, n):
-    ids = list(prompt)
+    """Decoded with mlx-lm's KV cache, as llama.cpp decodes (`greedy_llama_cpp`)."""
+    cache = make_prompt_cache(model)
+    logits, ids = model(mx.array([prompt]), cache=cache), []
     for _ in range(n):
-        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
-    return ids[len(prompt):]
+        ids.append(int(mx.argmax(logits[0, -1]).item()))
+        logits = model(mx.array([ids[-1:]]), cache=cache)
+    return ids
 
 
 def greedy_llama_cpp(llm, prompt, n):
