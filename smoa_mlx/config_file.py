@@ -177,7 +177,7 @@ def mlx_lm_settings(o) -> str | None:
     shown = {k: mapped[k] if k in mapped else getattr(o, k) for k in CONFIG_DEFAULTS
              if k in mapped or (k in FIELDS and k not in _INVOCATION)}
     text = ", ".join(f"{k}: {_brief(v)}" for k, v in shown.items() if v is not None)
-    # The path on a line of its own, unbroken, so it can be copied.
+    # The config's path whole on a line of its own, and no path below split at a hyphen: copyable.
     return (f"mlx-lm config {o.config} (keys it leaves out take mlx_lm.lora's defaults):\n"
             + textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="  ",
                             break_on_hyphens=False))

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
 
 from smoa_mlx import apply_smoa, save_adapter
@@ -311,13 +311,8 @@ def test_llama_cpp_logits_match_the_fused_model(model_type, dtype, fused):
 
 
 def greedy_mlx(model, prompt, n):
-    """Decoded with mlx-lm's KV cache, as llama.cpp decodes (`greedy_llama_cpp`)."""
-    cache = make_prompt_cache(model)
-    logits, ids = model(mx.array([prompt]), cache=cache), []
-    for _ in range(n):
-        ids.append(int(mx.argmax(logits[0, -1]).item()))
-        logits = model(mx.array([ids[-1:]]), cache=cache)
-    return ids
+    """mlx-lm's own decoding loop (argmax, KV cache), as llama.cpp decodes (`greedy_llama_cpp`)."""
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
 
 
 def greedy_llama_cpp(llm, prompt, n):
